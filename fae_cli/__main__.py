@@ -1,0 +1,3 @@
+from fae_cli.cli.app import main
+
+main()

@@ -1,0 +1,78 @@
+"""`fae evaluate fid | recon | probe`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from fae_cli.cli.app import OutOption, evaluate_app
+from fae_cli.cli.common import DryRunOption, RecipeOption, SetOption, print_dry_run, resolve
+from fae_cli.stages.plan import Plan, RunPaths
+
+
+@evaluate_app.command("fid")
+def fid_command(
+    samples: Annotated[Path, typer.Argument(help="Image folder or ADM-style .npz (arr_0 uint8 NxHxWx3).")],
+    reference: Annotated[Path, typer.Argument(help="Image folder, images .npz, or statistics .npz with mu/sigma.")],
+    recipe: RecipeOption = None,
+    sets: SetOption = None,
+    dry_run: DryRunOption = False,
+    metrics: Annotated[Optional[str], typer.Option(help="Comma-separated metrics: fid,kid,prc,sfid,isc.", show_default=False)] = None,
+    out: OutOption = None,
+) -> None:
+    """FID (and KID, precision/recall, sFID, IS) of samples against a reference."""
+    from fae_cli.evaluation import fid
+
+    overrides = {}
+    if metrics is not None:
+        overrides["evaluate.metrics"] = "[" + ", ".join(f'"{m.strip()}"' for m in metrics.split(",") if m.strip()) + "]"
+    resolved = resolve(recipe, [*(sets or []), *(f"{k}={v}" for k, v in overrides.items())])
+    target = out or (samples.parent if samples.suffix == ".npz" else samples)
+    if dry_run:
+        print_dry_run(resolved, [Plan("evaluate fid", inputs={"samples": str(samples), "reference": str(reference)}, outputs={"metrics": str(target / "metrics.json")})])
+        return
+    fid.run_fid(samples, reference, metrics=resolved.evaluate.metrics, batch_size=resolved.evaluate.batch_size, out=target)
+
+
+@evaluate_app.command("recon")
+def recon_command(
+    recipe: RecipeOption = None,
+    sets: SetOption = None,
+    dry_run: DryRunOption = False,
+    decoder: Annotated[Optional[Path], typer.Option(help="Pixel decoder checkpoint or run folder.", show_default=False)] = None,
+    adapter: Annotated[Optional[Path], typer.Option(help="Adapter checkpoint; omit to decode frozen features directly.", show_default=False)] = None,
+    out: OutOption = None,
+) -> None:
+    """PSNR, SSIM and rFID of reconstructions of held-out images."""
+    from fae_cli.evaluation import recon
+
+    resolved = resolve(recipe, sets)
+    paths = RunPaths.of(resolved)
+    target = out or paths.evaluation / "recon"
+    if dry_run:
+        print_dry_run(resolved, [Plan("evaluate recon", inputs={"decoder": str(decoder or paths.decoder_finetune), "adapter": str(adapter or "none")}, outputs={"metrics": str(target)})])
+        return
+    recon.run_recon(resolved, decoder=decoder, adapter=adapter, out=target)
+
+
+@evaluate_app.command("probe")
+def probe_command(
+    recipe: RecipeOption = None,
+    sets: SetOption = None,
+    dry_run: DryRunOption = False,
+    features: Annotated[Optional[Path], typer.Option(help="Labelled feature cache.", show_default=False)] = None,
+    adapter: Annotated[Optional[Path], typer.Option(help="Adapter checkpoint (adds x-hat and z to the comparison).", show_default=False)] = None,
+    out: OutOption = None,
+) -> None:
+    """Linear-probe accuracy of features x, reconstructions x-hat and latents z."""
+    from fae_cli.evaluation import probe
+
+    resolved = resolve(recipe, sets)
+    paths = RunPaths.of(resolved)
+    target = out or paths.evaluation / "probe"
+    if dry_run:
+        print_dry_run(resolved, [Plan("evaluate probe", inputs={"features": str(features or paths.features), "adapter": str(adapter or paths.adapter)}, outputs={"metrics": str(target)})])
+        return
+    probe.run_probe(resolved, features=features, adapter=adapter, out=target)

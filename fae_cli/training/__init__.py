@@ -1,0 +1,1 @@
+"""fae_cli.training."""
