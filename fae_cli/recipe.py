@@ -3,7 +3,7 @@
 A recipe is a TOML file whose tables map one-to-one onto the pydantic models below. Every model
 forbids unknown keys, so a misspelled key fails with the closest valid name instead of being
 ignored. The resolved recipe (file + overrides + defaults) is hashed and written into every
-output folder, so an artefact always says which settings produced it.
+output folder, so an artefact always records which settings produced it.
 """
 
 from __future__ import annotations

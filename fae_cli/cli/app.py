@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -27,7 +27,7 @@ app.add_typer(evaluate_app, name="evaluate")
 
 log = logging.getLogger("fae_cli")
 
-OutOption = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder; default: <run.out_dir>/<run.name>/<stage>.", show_default=False)]
+OutOption = Annotated[Path | None, typer.Option("--out", "-o", help="Output folder; default: <run.out_dir>/<run.name>/<stage>.", show_default=False)]
 
 
 def _version(value: bool) -> None:
@@ -53,10 +53,10 @@ def extract_command(
     recipe: RecipeOption = None,
     sets: SetOption = None,
     dry_run: DryRunOption = False,
-    encoder: Annotated[Optional[str], typer.Option(help="Encoder registry name (sets encoder.name).", show_default=False)] = None,
-    data: Annotated[Optional[str], typer.Option(help="Image folder, .npz or 'fashion-mnist' (sets data.source).", show_default=False)] = None,
-    weights: Annotated[Optional[Path], typer.Option(help="Local encoder weights (sets encoder.weights).", show_default=False)] = None,
-    latents: Annotated[Optional[Path], typer.Option(help="Adapter checkpoint: write a latent cache instead of features.", show_default=False)] = None,
+    encoder: Annotated[str | None, typer.Option(help="Encoder registry name (sets encoder.name).", show_default=False)] = None,
+    data: Annotated[str | None, typer.Option(help="Image folder, .npz or 'fashion-mnist' (sets data.source).", show_default=False)] = None,
+    weights: Annotated[Path | None, typer.Option(help="Local encoder weights (sets encoder.weights).", show_default=False)] = None,
+    latents: Annotated[Path | None, typer.Option(help="Adapter checkpoint: write a latent cache instead of features.", show_default=False)] = None,
     out: OutOption = None,
 ) -> None:
     """Cache frozen encoder features (or FAE latents with --latents) of an image dataset."""
@@ -77,7 +77,7 @@ def train_adapter_command(
     recipe: RecipeOption = None,
     sets: SetOption = None,
     dry_run: DryRunOption = False,
-    features: Annotated[Optional[Path], typer.Option(help="Feature cache folder.", show_default=False)] = None,
+    features: Annotated[Path | None, typer.Option(help="Feature cache folder.", show_default=False)] = None,
     out: OutOption = None,
 ) -> None:
     """Train the FAE adapter (encoder + feature decoder) on a feature cache."""
@@ -96,8 +96,8 @@ def train_decoders_command(
     sets: SetOption = None,
     dry_run: DryRunOption = False,
     phase: Annotated[str, typer.Option(help="'noise' (frozen features + Gaussian noise) or 'finetune' (on adapter reconstructions).")] = "noise",
-    features: Annotated[Optional[Path], typer.Option(help="Feature cache folder.", show_default=False)] = None,
-    adapter: Annotated[Optional[Path], typer.Option(help="Adapter checkpoint for the finetune phase.", show_default=False)] = None,
+    features: Annotated[Path | None, typer.Option(help="Feature cache folder.", show_default=False)] = None,
+    adapter: Annotated[Path | None, typer.Option(help="Adapter checkpoint for the finetune phase.", show_default=False)] = None,
     out: OutOption = None,
 ) -> None:
     """Train the pixel decoder: Gaussian-noise phase, then fine-tune on reconstructed features."""
@@ -117,8 +117,8 @@ def train_generator_command(
     recipe: RecipeOption = None,
     sets: SetOption = None,
     dry_run: DryRunOption = False,
-    family: Annotated[Optional[str], typer.Option(help="'diffusion' or 'flow' (sets generator.family).", show_default=False)] = None,
-    latents: Annotated[Optional[Path], typer.Option(help="Latent cache folder.", show_default=False)] = None,
+    family: Annotated[str | None, typer.Option(help="'diffusion' or 'flow' (sets generator.family).", show_default=False)] = None,
+    latents: Annotated[Path | None, typer.Option(help="Latent cache folder.", show_default=False)] = None,
     out: OutOption = None,
 ) -> None:
     """Train a latent generator (diffusion transformer or normalizing flow)."""
@@ -136,9 +136,9 @@ def sample_command(
     recipe: RecipeOption = None,
     sets: SetOption = None,
     dry_run: DryRunOption = False,
-    num: Annotated[Optional[int], typer.Option("-n", "--num-samples", help="Number of samples (sets sample.num_samples).", show_default=False)] = None,
-    cfg: Annotated[Optional[float], typer.Option("--cfg", help="One guidance scale over the recipe's guidance intervals (sets sample.cfg_scale).", show_default=False)] = None,
-    generator: Annotated[Optional[Path], typer.Option(help="Generator checkpoint or run folder.", show_default=False)] = None,
+    num: Annotated[int | None, typer.Option("-n", "--num-samples", help="Number of samples (sets sample.num_samples).", show_default=False)] = None,
+    cfg: Annotated[float | None, typer.Option("--cfg", help="One guidance scale over the recipe's guidance intervals (sets sample.cfg_scale).", show_default=False)] = None,
+    generator: Annotated[Path | None, typer.Option(help="Generator checkpoint or run folder.", show_default=False)] = None,
     out: OutOption = None,
 ) -> None:
     """Generate images: generator -> latent -> feature decoder -> pixel decoder."""

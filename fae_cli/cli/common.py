@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.syntax import Syntax
@@ -14,11 +14,11 @@ from fae_cli.recipe import Recipe, load_recipe, recipe_hash, to_toml
 from fae_cli.stages.plan import Plan
 
 RecipeOption = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--recipe", "-r", help="Recipe TOML file; default: built-in defaults.", show_default=False),
 ]
 SetOption = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--set", "-s", help="Override a recipe value, e.g. --set adapter.train.steps=100 (repeatable).", show_default=False),
 ]
 DryRunOption = Annotated[

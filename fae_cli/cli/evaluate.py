@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -19,7 +19,7 @@ def fid_command(
     recipe: RecipeOption = None,
     sets: SetOption = None,
     dry_run: DryRunOption = False,
-    metrics: Annotated[Optional[str], typer.Option(help="Comma-separated metrics: fid,kid,prc,sfid,isc.", show_default=False)] = None,
+    metrics: Annotated[str | None, typer.Option(help="Comma-separated metrics: fid,kid,prc,sfid,isc.", show_default=False)] = None,
     out: OutOption = None,
 ) -> None:
     """FID (and KID, precision/recall, sFID, IS) of samples against a reference."""
@@ -41,8 +41,8 @@ def recon_command(
     recipe: RecipeOption = None,
     sets: SetOption = None,
     dry_run: DryRunOption = False,
-    decoder: Annotated[Optional[Path], typer.Option(help="Pixel decoder checkpoint or run folder.", show_default=False)] = None,
-    adapter: Annotated[Optional[Path], typer.Option(help="Adapter checkpoint; omit to decode frozen features directly.", show_default=False)] = None,
+    decoder: Annotated[Path | None, typer.Option(help="Pixel decoder checkpoint or run folder.", show_default=False)] = None,
+    adapter: Annotated[Path | None, typer.Option(help="Adapter checkpoint; omit to decode frozen features directly.", show_default=False)] = None,
     out: OutOption = None,
 ) -> None:
     """PSNR, SSIM and rFID of reconstructions of held-out images."""
@@ -62,8 +62,8 @@ def probe_command(
     recipe: RecipeOption = None,
     sets: SetOption = None,
     dry_run: DryRunOption = False,
-    features: Annotated[Optional[Path], typer.Option(help="Labelled feature cache.", show_default=False)] = None,
-    adapter: Annotated[Optional[Path], typer.Option(help="Adapter checkpoint (adds x-hat and z to the comparison).", show_default=False)] = None,
+    features: Annotated[Path | None, typer.Option(help="Labelled feature cache.", show_default=False)] = None,
+    adapter: Annotated[Path | None, typer.Option(help="Adapter checkpoint (adds x-hat and z to the comparison).", show_default=False)] = None,
     out: OutOption = None,
 ) -> None:
     """Linear-probe accuracy of features x, reconstructions x-hat and latents z."""

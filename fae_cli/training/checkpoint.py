@@ -295,7 +295,7 @@ def save_checkpoint(
 ) -> Path:
     """Write a complete checkpoint of step `step` and move the `latest` pointer to it.
 
-    `extra` is JSON training state (e.g. the data-order position); `extra_tensors` holds
+    `extra` is JSON training state (e.g. the data-order position); `extra_tensors` contains
     additional tensors such as a second model's optimizer moments. Returns the folder written.
     """
     root = Path(run_dir) / CHECKPOINTS

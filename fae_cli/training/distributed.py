@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class DistEnv:
-    """Where this process sits in a (possibly single-process) job."""
+    """Rank, world size and device of this process (a single process is rank 0 of 1)."""
 
     rank: int = 0
     world_size: int = 1
