@@ -63,3 +63,31 @@ class Plan:
     inputs: dict[str, str] = field(default_factory=dict)
     outputs: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+
+
+# Recipe sections each stage's output depends on, upstream stages included: a change to any of
+# them makes the stored output stale, while a change elsewhere (e.g. sampling steps) does not.
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "features": ("data", "encoder", "extract"),
+    "adapter": ("data", "encoder", "extract", "adapter"),
+    "decoder-noise": ("data", "encoder", "extract", "decoder"),
+    "decoder-finetune": ("data", "encoder", "extract", "adapter", "decoder"),
+    "latents": ("data", "encoder", "extract", "adapter"),
+    "generator": ("data", "encoder", "extract", "adapter", "generator"),
+    "samples": ("data", "encoder", "extract", "adapter", "decoder", "generator", "sample"),
+    "evaluation": ("data", "encoder", "extract", "adapter", "decoder", "generator", "sample", "evaluate"),
+}
+
+
+def stage_hash(recipe: Recipe, stage: str) -> str:
+    """Return the hash of the recipe values that `stage`'s output depends on (plus the seed)."""
+    import hashlib
+    import json
+
+    from fae_cli.recipe import recipe_dict
+
+    data = recipe_dict(recipe)
+    selected = {name: data[name] for name in STAGE_SECTIONS[stage]}
+    selected["seed"] = data["run"]["seed"]
+    canonical = json.dumps(selected, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
