@@ -108,9 +108,9 @@ class AdapterConfig(Section):
     """The FAE adapter: encoder (features -> latent) and feature decoder (latent -> features)."""
 
     kind: Literal["attention", "linear", "transformer"] = Field("attention", description="Encoder variant (paper ablation).")
-    layers: int = Field(6, ge=1, description="Encoder layers when kind = 'transformer'.")
+    layers: int = Field(6, ge=1, description="Encoder blocks when kind = 'transformer' (feature-decoder design: decoder_head_dim, decoder_mlp_ratio).")
     heads: int | None = Field(None, ge=1, description="Encoder attention heads; default: feature width / 64.")
-    head_dim: int | None = Field(None, ge=1, description="Encoder head width; default: 4 * feature width / heads.")
+    head_dim: int | None = Field(None, ge=1, description="Encoder head width; default: 4 * feature width / heads, rounded down to a multiple of 4.")
     latent_channels: int = Field(32, ge=1, description="Latent width per token.")
     activation: Literal["gelu", "silu", "relu", "none"] = Field("gelu", description="Activation after attention + skip (open in the paper).")
     input_norm: Literal["layernorm", "rmsnorm", "none"] = Field("layernorm", description="Norm on encoder input features (open in the paper).")
