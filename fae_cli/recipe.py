@@ -131,14 +131,25 @@ class DecoderConfig(Section):
     width: int = Field(1024, ge=8, description="Token width when size = 'custom'.")
     heads: int = Field(16, ge=1, description="Attention heads when size = 'custom'.")
     noise_sigma: float | None = Field(None, ge=0, description="Gaussian noise on features in the noise phase; default 0.4 scaled by feature norm.")
+    mlp_ratio: float = Field(4.0, gt=0, description="SwiGLU MLP ratio (the parameter budget of a GELU MLP of this ratio), for every size.")
+    input_norm: bool = Field(True, description="Normalise input feature tokens with a LayerNorm without affine (FAE does not specify an input norm).")
     recon_loss: Literal["l1", "l2"] = Field("l2", description="Pixel reconstruction loss.")
+    noise_reference_scale: float = Field(
+        1.0, gt=0, description="Feature scale (mean token L2 norm / sqrt(width)) that sigma 0.4 refers to; estimate, not measured on DINOv2."
+    )
     recon_weight: float = Field(1.0, ge=0, description="Weight of the reconstruction loss.")
     perceptual: Literal["encoder", "lpips-vgg", "none"] = Field("encoder", description="Perceptual network.")
     perceptual_weight: float = Field(0.1, ge=0, description="Weight of the perceptual loss.")
+    perceptual_weights: list[Path] = Field(
+        default_factory=list, description="LPIPS-VGG weight files: torchvision VGG16 state dict and LPIPS linear heads (one file or two)."
+    )
     gan_weight: float = Field(0.01, ge=0, description="Weight of the generator hinge GAN loss.")
     gan_start: int = Field(20000, ge=0, description="Step at which the discriminator and GAN loss switch on.")
     lecam_weight: float = Field(0.001, ge=0, description="LeCam regularisation weight; 0 disables it.")
     finetune: bool = Field(True, description="Run the fine-tune phase on reconstructed features after the noise phase.")
+    lecam_decay: float = Field(0.999, ge=0, lt=1, description="EMA decay of the mean real and fake logits that LeCam compares.")
+    disc_channels: int = Field(128, ge=1, description="Discriminator channels after its input convolution (doubled from the second stage on).")
+    disc_stages: int = Field(3, ge=1, description="Discriminator stages, each halving the resolution.")
     train: OptimConfig = Field(default_factory=lambda: OptimConfig(), description="Optimisation of the noise phase.")
     finetune_train: OptimConfig = Field(default_factory=lambda: OptimConfig(), description="Optimisation of the fine-tune phase.")
 
