@@ -191,6 +191,13 @@ class SampleConfig(Section):
     seed: int = Field(0, description="Sample i's noise and label depend only on (seed, i).")
     use_ema: bool = Field(True, description="Sample with EMA weights.")
     flow_denoise: bool = Field(True, description="Flow family: score-based denoising step after sampling.")
+    flow_denoise_sigma: float | None = Field(
+        None, ge=0, description="Flow family: noise sigma of the denoising step when it must differ from the training sigma stored in the checkpoint; unset = stored sigma."
+    )
+    flow_guidance_form: Literal["gaussian", "linear"] = Field(
+        "gaussian", description="Flow family: guidance as STARFlow's product of step Gaussians or TARFlow's linear extrapolation of shift and log-scale."
+    )
+    flow_guidance_anneal: bool = Field(False, description="Flow family: raise the guidance weight linearly from near 0 to its full value along the token order.")
 
 
 class EvaluateConfig(Section):
