@@ -56,7 +56,7 @@ def print_dry_run(recipe: Recipe, plans: list[Plan]) -> None:
     table = Table(title="plan (dry run: nothing was run)", show_lines=False)
     table.add_column("stage")
     table.add_column("role")
-    table.add_column("path")
+    table.add_column("path", overflow="fold")
     for plan in plans:
         for role, path in plan.inputs.items():
             table.add_row(plan.stage, f"in: {role}", path)
