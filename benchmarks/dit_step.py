@@ -207,6 +207,9 @@ def main() -> None:
         "forward_doubled_ms": 1e3 * forward_doubled_seconds,
         "sample_cfg_ms": 1e3 * guided_seconds,
         "nfe_forward_over_sample_cfg": sample_steps * forward_doubled_seconds / guided_seconds,
+        "train_images_per_s": batch / step_seconds,
+        "sample_images_per_s": batch / plain_seconds,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if on_cuda else None,
     }
     width = max(len(key) for key in figures)
     for key, value in figures.items():
