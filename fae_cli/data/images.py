@@ -8,6 +8,10 @@ Decoding rules (the same for training data and for evaluation, so FID sees what 
 - 16-bit and 32-bit integer greyscale (I;16, I) keep their top 8 bits of the value range actually
   used by the mode (I;16: value >> 8); float images (F) are clipped to [0, 255].
 - CMYK and YCbCr use Pillow's conversion.
+
+Resizing follows the ADM (guided-diffusion) ImageNet pipeline: halve with a box filter while the
+short side is at least twice the target, resize the short side to the target with bicubic
+interpolation, then crop the centre square.
 """
 
 from __future__ import annotations
@@ -99,3 +103,22 @@ def try_load_rgb(path: str | Path) -> tuple[Image.Image | None, str | None]:
         if "truncated" in reason.lower():
             reason = "truncated"
         return None, reason
+
+
+def center_crop_adm(image: Image.Image, size: int) -> np.ndarray:
+    """Resize so the short side equals `size` and crop the centre: uint8 array size x size x 3.
+
+    Box-filter halving first keeps large downscales free of aliasing; the bicubic step then
+    lands the short side exactly on `size` (ADM's `center_crop_arr`).
+    """
+    image = to_rgb(image)
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(side // 2 for side in image.size), resample=Image.BOX)
+
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(side * scale) for side in image.size), resample=Image.BICUBIC)
+
+    array = np.array(image)
+    top = (array.shape[0] - size) // 2
+    left = (array.shape[1] - size) // 2
+    return np.ascontiguousarray(array[top : top + size, left : left + size])
