@@ -177,13 +177,22 @@ def test_resume_rejects_other_settings(tmp_path):
     make_trainer(tmp_path, RegressionTask(), steps=2).fit()
     with pytest.raises(FaeError) as error:
         make_trainer(tmp_path, RegressionTask(), steps=2, learning_rate=5e-3).fit()
-    assert "optim.learning_rate: 0.01 there, 0.005 now" in str(error.value)
+    assert "train.learning_rate: 0.01 there, 0.005 now" in str(error.value)
 
 
 def test_resume_accepts_operational_changes(tmp_path):
     make_trainer(tmp_path, RegressionTask(), steps=2).fit()
     result = make_trainer(tmp_path, RegressionTask(), steps=2, log_every=1, checkpoint_every=1).fit()
     assert result.resumed_from == 2
+
+
+def test_loader_workers_give_same_result(tmp_path):
+    in_process = make_trainer(tmp_path / "zero", RegressionTask(), steps=3, workers=0)
+    in_process.fit()
+    with_worker = make_trainer(tmp_path / "one", RegressionTask(), steps=3, workers=1)
+    with_worker.fit()
+    for name, value in in_process.model.state_dict().items():
+        assert torch.equal(with_worker.model.state_dict()[name], value), name
 
 
 def test_auxiliary_idle_before_start(tmp_path):

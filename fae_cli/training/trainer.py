@@ -223,7 +223,8 @@ class Trainer:
         self.recipe_key = recipe_key
         self.show_progress = progress and self.env.is_main
         settings = {key: value for key, value in optim.model_dump(mode="json").items() if key not in OPERATIONAL_FIELDS}
-        identity = {**(identity or {}), "kind": task.kind, "seed": seed, "samples": len(task), "optim": settings}
+        # Settings sit under the recipe key, so a mismatch names the recipe field (adapter.train.steps).
+        identity = {**(identity or {}), "kind": task.kind, "seed": seed, "samples": len(task), recipe_key: settings}
         if task.auxiliary is not None:
             aux_settings = task.auxiliary.optim.model_dump(mode="json")
             identity["auxiliary"] = {"start_step": task.auxiliary.start_step, "optim": aux_settings}
