@@ -62,6 +62,7 @@ def print_dry_run(recipe: Recipe, plans: list[Plan]) -> None:
             table.add_row(plan.stage, f"in: {role}", path)
         for role, path in plan.outputs.items():
             table.add_row(plan.stage, f"out: {role}", path)
-        for note in plan.notes:
-            table.add_row(plan.stage, "note", note)
     console.print(table)
+    for plan in plans:
+        for note in plan.notes:
+            console.print(f"{plan.stage}: {note}", highlight=False, soft_wrap=True)
