@@ -211,3 +211,9 @@ def test_two_ranks_cover_each_index_once(tmp_path):
     assert [shard["start"] for shard in double.manifest["shards"]] == [0, 5]
     assert double.manifest["throughput"]["world_size"] == 2
     assert torch.equal(double.load_all(), single.load_all())
+
+
+def test_plan_names_split_folder(tmp_path):
+    recipe = _recipe(tmp_path)
+    assert extract.plan(recipe).outputs["feature cache"].endswith("quickstart/features")
+    assert extract.plan(recipe, split="holdout").outputs["feature cache"].endswith("quickstart/features-holdout")

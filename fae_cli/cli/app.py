@@ -65,7 +65,7 @@ def extract_command(
 
     resolved = resolve(recipe, sets, **{"encoder.name": encoder, "data.source": data, "encoder.weights": weights})
     if dry_run:
-        print_dry_run(resolved, [extract.plan(resolved, out=out, latents_from=latents)])
+        print_dry_run(resolved, [extract.plan(resolved, out=out, latents_from=latents, split=split)])
         return
     if latents is not None:
         extract.run_latents(resolved, adapter=latents, out=out)

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def plan(recipe: Recipe, out: Path | None = None, latents_from: Path | None = None) -> Plan:
+def plan(recipe: Recipe, out: Path | None = None, latents_from: Path | None = None, split: str = "train") -> Plan:
     paths = RunPaths.of(recipe)
     if latents_from is not None:
         return Plan(
@@ -54,10 +54,11 @@ def plan(recipe: Recipe, out: Path | None = None, latents_from: Path | None = No
             inputs={"images": recipe.data.source, "encoder": recipe.encoder.name, "adapter": str(latents_from)},
             outputs={"latent cache": str(out or paths.latents)},
         )
+    default = paths.features if split == "train" else paths.holdout_features
     return Plan(
         "extract",
-        inputs={"images": recipe.data.source, "encoder": recipe.encoder.name},
-        outputs={"feature cache": str(out or paths.features)},
+        inputs={"images": f"{recipe.data.source} ({split} split)", "encoder": recipe.encoder.name},
+        outputs={"feature cache": str(out or default)},
     )
 
 
