@@ -31,6 +31,9 @@ def build_vit(spec: EncoderSpec, *, weights: Path | None, input_size: int, pretr
 
     timm resamples the position embedding of loaded weights to the new grid (bicubic), so any
     multiple of the patch size works. Returns (backbone, weights source, pretrained config).
+
+    NOTE: timm resamples with antialiasing, while Meta's DINOv2 code interpolates without it,
+    so DINOv2 tokens at 224 are close to, not bit-identical with, the official model's.
     """
     import timm
 
