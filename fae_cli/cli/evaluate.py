@@ -33,7 +33,15 @@ def fid_command(
     if dry_run:
         print_dry_run(resolved, [Plan("evaluate fid", inputs={"samples": str(samples), "reference": str(reference)}, outputs={"metrics": str(target / "metrics.json")})])
         return
-    fid.run_fid(samples, reference, metrics=resolved.evaluate.metrics, batch_size=resolved.evaluate.batch_size, out=target)
+    fid.run_fid(
+        samples,
+        reference,
+        metrics=resolved.evaluate.metrics,
+        batch_size=resolved.evaluate.batch_size,
+        out=target,
+        weights=resolved.evaluate.inception_weights,
+        device=resolved.run.device,
+    )
 
 
 @evaluate_app.command("recon")
