@@ -110,6 +110,9 @@ from fae_cli.training.order import DataOrder, micro_batches
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+# Seconds between redraws of the progress bar. Rich's own 10 Hz refresh thread cost about 10% of
+# a 0.3 s CPU step in benchmarks/trainer_overhead.py (2-core shared machine).
+PROGRESS_REDRAW_S = 1.0
 
 # OptimConfig fields that change how a run is operated, not what it computes: they may differ
 # between a run and its resume.
@@ -379,6 +382,7 @@ class Trainer:
         metrics: dict[str, float] = {}
         with self._progress() as progress:
             bar = progress.add_task(self.task.kind, total=optim.steps, completed=self.step, loss="-", speed="-")
+            drawn = time.perf_counter()
             while self.step < optim.steps:
                 step = self.step
                 parts = micro_batches(self.order.next_batch(), self.env.rank, world, accum)
@@ -391,6 +395,9 @@ class Trainer:
                     metrics = self._log(window, done)
                     progress.update(bar, loss=f"{metrics['loss']:.4g}", speed=f"{metrics['samples_per_s']:.1f}")
                 progress.update(bar, completed=done)
+                if time.perf_counter() - drawn >= PROGRESS_REDRAW_S or done == optim.steps:
+                    progress.refresh()
+                    drawn = time.perf_counter()
                 if optim.eval_every and done % optim.eval_every == 0 and done != optim.steps:
                     self.evaluate()
                 if done % optim.checkpoint_every == 0 or done == optim.steps:
@@ -657,6 +664,7 @@ class Trainer:
             TextColumn("{task.fields[speed]} samples/s"),
             TimeRemainingColumn(),
             console=console,
+            auto_refresh=False,
             disable=not self.show_progress,
         )
 
