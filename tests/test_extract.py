@@ -36,13 +36,19 @@ def _encoder():
     return build_encoder("efficientnet-lite0", input_size=32)
 
 
-def _direct_features(recipe, count, split="train", flip=False):
-    """Encode the first `count` images in batches of 4 without the stage."""
+def _direct_features(recipe, count, split="train", flip=False, shard=6):
+    """Encode the first `count` images without the stage, in the stage's batches.
+
+    The stage starts a new batch of 4 at every shard boundary (every 6 images), and a
+    convolution's float result can depend on the batch it runs in, so the batches must match.
+    """
     dataset = open_images(recipe.data, split)
     encoder = _encoder()
     batches = []
-    for start in range(0, count, 4):
-        images = torch.stack([dataset[i][0] for i in range(start, min(start + 4, count))]).float() / 255
+    starts = [start for shard_start in range(0, count, shard) for start in range(shard_start, min(shard_start + shard, count), 4)]
+    for start in starts:
+        stop = min(start + 4, count, (start // shard + 1) * shard)
+        images = torch.stack([dataset[i][0] for i in range(start, stop)]).float() / 255
         with torch.inference_mode():
             batches.append(encoder(images.flip(-1) if flip else images))
     return torch.cat(batches)

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -34,7 +33,7 @@ from fae_cli.training.checkpoint import (
     read_checkpoint_header,
     resolve_checkpoint,
 )
-from fae_cli.training.distributed import barrier, cleanup, init_distributed
+from fae_cli.training.distributed import barrier, distributed_session
 from fae_cli.training.trainer import Trainer, TrainTask
 
 log = logging.getLogger(__name__)
@@ -141,13 +140,8 @@ def run(recipe: Recipe, features: Path | None = None, out: Path | None = None) -
     paths = RunPaths.of(recipe)
     features = Path(features) if features is not None else paths.features
     out = Path(out) if out is not None else paths.adapter
-    group_existed = dist.is_available() and dist.is_initialized()
-    env = init_distributed(recipe.run.device)
-    try:
+    with distributed_session(recipe.run.device) as env:
         return _train(recipe, features, out, env)
-    finally:
-        if not group_existed:
-            cleanup()
 
 
 def _train(recipe: Recipe, features: Path, out: Path, env: Any) -> Path:

@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -39,7 +38,7 @@ from fae_cli.errors import FaeError
 from fae_cli.log import console
 from fae_cli.recipe import ExtractConfig, Recipe, to_toml
 from fae_cli.stages.plan import Plan, RunPaths, stage_hash
-from fae_cli.training.distributed import DistEnv, barrier, cleanup, init_distributed
+from fae_cli.training.distributed import DistEnv, barrier, distributed_session
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +74,8 @@ def run(recipe: Recipe, out: Path | None = None, split: str = "train") -> Path:
         folder = paths.features
     else:
         folder = paths.holdout_features
-    group_existed = dist.is_available() and dist.is_initialized()
-    env = init_distributed(recipe.run.device)
-    try:
+    with distributed_session(recipe.run.device) as env:
         return _extract(recipe, folder, split, env)
-    finally:
-        if not group_existed:
-            cleanup()
 
 
 def run_latents(recipe: Recipe, adapter: Path, out: Path | None = None) -> Path:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,6 +69,22 @@ def init_distributed(device_preference: str = "auto") -> DistEnv:
     env = DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
     quiet_other_ranks(env)
     return env
+
+
+@contextlib.contextmanager
+def distributed_session(device_preference: str = "auto") -> Iterator[DistEnv]:
+    """Yield this process's DistEnv for one stage, tearing down only a process group it set up.
+
+    A stage called inside `fae run` finds the group already set up and leaves it for the next
+    stage; a stage run on its own sets it up and destroys it when it returns or raises.
+    """
+    existed = dist.is_available() and dist.is_initialized()
+    env = init_distributed(device_preference)
+    try:
+        yield env
+    finally:
+        if not existed:
+            cleanup()
 
 
 def current_env() -> DistEnv:
