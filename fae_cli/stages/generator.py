@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from fae_cli.artifacts import atomic_write_bytes, write_manifest
@@ -49,7 +48,7 @@ from fae_cli.stages.generation import (
 )
 from fae_cli.stages.plan import Plan, RunPaths, stage_hash
 from fae_cli.training.checkpoint import latest_checkpoint, read_checkpoint_header
-from fae_cli.training.distributed import DistEnv, barrier, cleanup, init_distributed
+from fae_cli.training.distributed import DistEnv, barrier, distributed_session
 from fae_cli.training.trainer import Trainer, TrainTask
 
 log = logging.getLogger(__name__)
@@ -206,13 +205,8 @@ def run(recipe: Recipe, latents: Path | None = None, out: Path | None = None) ->
     paths = RunPaths.of(recipe)
     latents = Path(latents) if latents is not None else paths.latents
     out = Path(out) if out is not None else paths.generator
-    group_existed = dist.is_available() and dist.is_initialized()
-    env = init_distributed(recipe.run.device)
-    try:
+    with distributed_session(recipe.run.device) as env:
         return _train(recipe, latents, out, env)
-    finally:
-        if not group_existed:
-            cleanup()
 
 
 def _train(recipe: Recipe, latents: Path, out: Path, env: DistEnv) -> Path:

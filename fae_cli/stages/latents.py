@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from safetensors import safe_open
 from torch.utils.data import DataLoader
 
@@ -49,8 +48,7 @@ from fae_cli.training.checkpoint import CHECKPOINTS, read_checkpoint_header, res
 from fae_cli.training.distributed import (
     DistEnv,
     barrier,
-    cleanup,
-    init_distributed,
+    distributed_session,
     sample_generator,
     sample_seed,
 )
@@ -79,13 +77,8 @@ def run_latents(
     paths = RunPaths.of(recipe)
     folder = Path(out) if out is not None else paths.latents
     features = Path(features) if features is not None else paths.features
-    group_existed = dist.is_available() and dist.is_initialized()
-    env = init_distributed(recipe.run.device)
-    try:
+    with distributed_session(recipe.run.device) as env:
         return _write(recipe, Path(adapter), features, folder, env)
-    finally:
-        if not group_existed:
-            cleanup()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 from rich.progress import (
     BarColumn,
@@ -49,7 +48,7 @@ from fae_cli.stages.generation import (
     sample_labels,
 )
 from fae_cli.stages.plan import Plan, RunPaths
-from fae_cli.training.distributed import DistEnv, barrier, cleanup, init_distributed, shard_indices
+from fae_cli.training.distributed import DistEnv, barrier, distributed_session, shard_indices
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +97,8 @@ def run(
     paths = RunPaths.of(recipe)
     generator = Path(generator) if generator is not None else paths.generator
     out = Path(out) if out is not None else paths.samples
-    group_existed = dist.is_available() and dist.is_initialized()
-    env = init_distributed(recipe.run.device)
-    try:
+    with distributed_session(recipe.run.device) as env:
         return _sample(recipe, generator, out, adapter, decoder, env)
-    finally:
-        if not group_existed:
-            cleanup()
 
 
 def _sample(
