@@ -72,10 +72,17 @@ def plan(recipe: Recipe, generator: Path | None = None, out: Path | None = None)
             "pixel decoder": str(decoder),
         },
         outputs={"samples": str(out or paths.samples)},
-        notes=[
-            f"{recipe.sample.num_samples} samples, {recipe.sample.sampler} x {recipe.sample.steps} steps"
-        ],
+        notes=[_describe_plan(recipe)],
     )
+
+
+def _describe_plan(recipe: Recipe) -> str:
+    settings = recipe.sample
+    if recipe.generator.family == "flow":
+        guidance = f"guidance {settings.cfg_scale} ({settings.flow_guidance_form})" if settings.cfg_scale not in (None, 1.0) else "no guidance"
+        denoise = "denoising step" if settings.flow_denoise else "no denoising"
+        return f"{settings.num_samples} samples, flow inverse with KV cache, {guidance}, {denoise}"
+    return f"{settings.num_samples} samples, {settings.sampler} x {settings.steps} steps, shift {settings.shift}"
 
 
 def image_name(index: int) -> str:
