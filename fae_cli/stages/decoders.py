@@ -48,7 +48,7 @@ from fae_cli.errors import FaeError
 from fae_cli.evaluation.recon import psnr
 from fae_cli.models.fae import FAE
 from fae_cli.models.pixel_decoder import PixelDecoder, build_pixel_decoder
-from fae_cli.recipe import OptimConfig, Recipe, to_toml
+from fae_cli.recipe import Recipe, to_toml
 from fae_cli.stages.adapter import load_adapter
 from fae_cli.stages.plan import Plan, RunPaths, stage_hash
 from fae_cli.training.checkpoint import (
@@ -351,7 +351,8 @@ def prepare(
 
     optim = config.train if phase == "noise" else config.finetune_train
     if objective.adversarial is not None:
-        task.auxiliary = Auxiliary(objective.adversarial, task.discriminator_loss, _discriminator_optim(optim), start_step=config.gan_start)
+        # The discriminator reuses the phase's AdamW settings and schedule (see the module doc).
+        task.auxiliary = Auxiliary(objective.adversarial, task.discriminator_loss, optim, start_step=config.gan_start)
         if config.gan_start >= optim.steps:
             log.info("decoder.gan_start = %d is not below the phase's %d steps: the GAN loss stays off", config.gan_start, optim.steps)
 
@@ -425,11 +426,6 @@ def _perceptual_encoder(recipe: Recipe, facts: dict[str, Any], features: Path, d
     encoder = build_encoder(facts["encoder"], weights=recipe.encoder.weights, input_size=facts["input_size"], device=device)
     check_compatible("encoder weights hash", facts["weights_hash"], encoder.weights_hash, expected_from=cache_from, actual_from=f"encoder {encoder.name} ({encoder.weights_source})")
     return encoder
-
-
-def _discriminator_optim(optim: OptimConfig) -> OptimConfig:
-    # The phase's AdamW settings and schedule; the trainer keeps no EMA of the auxiliary model.
-    return optim.model_copy(update={"ema_decay": 0.0})
 
 
 def _train(recipe: Recipe, prepared: DecoderRun, env: DistEnv) -> Path:
