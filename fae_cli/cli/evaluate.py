@@ -51,6 +51,7 @@ def recon_command(
     dry_run: DryRunOption = False,
     decoder: Annotated[Path | None, typer.Option(help="Pixel decoder checkpoint or run folder.", show_default=False)] = None,
     adapter: Annotated[Path | None, typer.Option(help="Adapter checkpoint; omit to decode frozen features directly.", show_default=False)] = None,
+    fid: Annotated[bool, typer.Option("--fid/--no-fid", help="Also compute rFID (Inception on originals and reconstructions; slow on a CPU).")] = True,
     out: OutOption = None,
 ) -> None:
     """PSNR, SSIM and rFID of reconstructions of held-out images."""
@@ -60,9 +61,10 @@ def recon_command(
     paths = RunPaths.of(resolved)
     target = out or paths.evaluation / "recon"
     if dry_run:
-        print_dry_run(resolved, [Plan("evaluate recon", inputs={"decoder": str(decoder or paths.decoder_finetune), "adapter": str(adapter or "none")}, outputs={"metrics": str(target)})])
+        default_decoder = paths.decoder_finetune if resolved.decoder.finetune else paths.decoder_noise
+        print_dry_run(resolved, [Plan("evaluate recon", inputs={"decoder": str(decoder or default_decoder), "adapter": str(adapter or "none")}, outputs={"metrics": str(target)})])
         return
-    recon.run_recon(resolved, decoder=decoder, adapter=adapter, out=target)
+    recon.run_recon(resolved, decoder=decoder, adapter=adapter, out=target, fid=fid)
 
 
 @evaluate_app.command("probe")
