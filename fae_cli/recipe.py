@@ -64,7 +64,7 @@ class OptimConfig(Section):
 
 
 class RunConfig(Section):
-    """Where outputs go and the global seed."""
+    """Output location, global seed and compute device."""
 
     name: str = Field("quickstart", description="Run name; outputs go to <out_dir>/<name>/<stage>.")
     out_dir: Path = Field(Path("runs"), description="Root folder of all runs.")

@@ -37,7 +37,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
     state = _unwrap(state)
     if not isinstance(state, Mapping) or not all(isinstance(value, torch.Tensor) for value in state.values()):
-        raise FaeError(f"{path} holds no state dict of tensors")
+        raise FaeError(f"{path} contains no state dict of tensors; pass a safetensors file or a .pth state dict")
     return dict(state)
 
 

@@ -1,4 +1,4 @@
-"""Where each stage of a run reads and writes, derived from the recipe alone."""
+"""Artefact folders of a run and the plans that `--dry-run` prints, derived from the recipe alone."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ class RunPaths:
 
 @dataclass
 class Plan:
-    """What a stage would read and write."""
+    """Inputs, outputs and notes of one stage, as `--dry-run` prints them."""
 
     stage: str
     inputs: dict[str, str] = field(default_factory=dict)
