@@ -118,3 +118,38 @@ def check_compatible(what: str, expected: Any, actual: Any, *, expected_from: st
             f"{what} mismatch: {expected_from} has {expected!r} but {actual_from} has {actual!r}; "
             "use artefacts produced from the same encoder and settings"
         )
+
+
+def describe_changes(before: dict[str, Any], now: dict[str, Any], *, limit: int = 3, ignore: tuple[str, ...] = ()) -> str:
+    """Name the settings that differ between two (nested) settings dicts, one short clause each.
+
+    Nested tables are flattened to dotted keys, so a changed dataset size reads
+    "dataset.count: 6000 there, 500 now" rather than two whole dicts. Keys in `ignore` (at
+    any depth) are left out. Returns "" when nothing differs.
+    """
+    old, new = _flatten(before, ignore), _flatten(now, ignore)
+    keys = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
+    listed = "; ".join(f"{key}: {_short(old.get(key))} there, {_short(new.get(key))} now" for key in keys[:limit])
+    more = f"; and {len(keys) - limit} more" if len(keys) > limit else ""
+    return listed + more
+
+
+def _flatten(data: Any, ignore: tuple[str, ...], prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix.rstrip("."): data} if prefix else {}
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in ignore:
+            continue
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, ignore, name + "."))
+        else:
+            # JSON round trip: a tuple now equals the list it reads back as.
+            flat[name] = json.loads(json.dumps(value, default=str))
+    return flat
+
+
+def _short(value: Any) -> str:
+    text = "unset" if value is None else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from fae_cli import __version__
-from fae_cli.artifacts import check_compatible, read_manifest, write_manifest
+from fae_cli.artifacts import check_compatible, describe_changes, read_manifest, write_manifest
 from fae_cli.errors import FaeError
 
 
@@ -45,3 +45,12 @@ def test_check_compatible_names_both_values():
         check_compatible("feature width", 1536, 112, expected_from="adapter", actual_from="cache")
     assert "1536" in str(error.value)
     assert "112" in str(error.value)
+
+
+def test_describe_changes_flattens_and_limits():
+    before = {"dataset": {"count": 6000, "path": "/a"}, "size": 128, "flip": False, "extra": [1, 2]}
+    now = {"dataset": {"count": 500, "path": "/b"}, "size": 64, "flip": False, "extra": (1, 2)}
+    assert describe_changes(before, now, ignore=("path",)) == "dataset.count: 6000 there, 500 now; size: 128 there, 64 now"
+    assert describe_changes(before, now, limit=1) == "dataset.count: 6000 there, 500 now; and 2 more"
+    assert describe_changes({"a": 1}, {"b": None}) == "a: 1 there, unset now"
+    assert describe_changes(before, before) == ""

@@ -312,3 +312,29 @@ def test_data_order_copy_continues_sequence():
     order.next_batch()
     copy_ = order.copy()
     assert torch.equal(copy_.next_batch(), order.next_batch())
+
+
+def test_log_lines_without_a_progress_bar(tmp_path, caplog):
+    # progress=False (as when output goes to a file): one line per log interval, with the same
+    # loss that metrics.jsonl records for that step.
+    caplog.set_level("INFO", logger="fae_cli")
+    make_trainer(tmp_path, RegressionTask(), steps=10, log_every=5).fit()
+    lines = [record.getMessage() for record in caplog.records if " step " in record.getMessage() and "loss" in record.getMessage()]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line.split(":")[0] for line in lines] == ["test step 5/10", "test step 10/10"]
+    assert [float(line.split("loss ")[1].split(",")[0]) for line in lines] == pytest.approx(
+        [record["loss"] for record in records if "loss" in record], rel=1e-3
+    )
+
+
+def test_stop_exit_status_follows_the_signal(tmp_path):
+    task = RegressionTask()
+    task.stop_at = 3
+    with pytest.raises(TrainingInterrupted) as stopped:
+        make_trainer(tmp_path, task, steps=10).fit()
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    requested = make_trainer(tmp_path / "requested", RegressionTask(), steps=10)
+    requested.request_stop()
+    with pytest.raises(TrainingInterrupted) as asked:
+        requested.fit()
+    assert asked.value.exit_code == 75

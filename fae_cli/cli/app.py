@@ -159,7 +159,10 @@ def sample_command(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the CLI; a FaeError prints one line and exits 2 (with --debug: the traceback)."""
+    """Run the CLI; a FaeError prints one line and exits with its status, 2 for invalid input.
+
+    With --debug the traceback is shown instead.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     try:
@@ -169,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         console.print(f"[bold red]error:[/bold red] {error}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        sys.exit(error.exit_code)
 
 
 # Imported last so that their commands register on `app` and `evaluate_app`.

@@ -31,7 +31,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from fae_cli.artifacts import MANIFEST, _fsync_dir, read_manifest, write_manifest
+from fae_cli.artifacts import MANIFEST, _fsync_dir, describe_changes, read_manifest, write_manifest
 from fae_cli.errors import FaeError
 from fae_cli.training.distributed import shard_indices
 
@@ -200,8 +200,7 @@ class CacheWriter:
             raise FaeError(f"{path} is not a fae cache shard; move it out of {self.folder} or choose another output folder")
         if metadata["fae.fingerprint"] != self.fingerprint:
             stored = json.loads(metadata["fae.identity"])
-            changed = sorted(key for key in {*stored, *self.identity} if stored.get(key) != self.identity.get(key))
-            details = "; ".join(f"{key}: {stored.get(key)!r} there, {self.identity.get(key)!r} now" for key in changed[:3])
+            details = describe_changes(stored, json.loads(json.dumps(self.identity, default=str)))
             raise FaeError(f"{self.folder} contains a cache made with other settings ({details}); choose another output folder or delete it")
         skipped = [tuple(entry) for entry in json.loads(metadata["fae.skipped"])]
         return ShardInfo(path.name, int(metadata["fae.start"]), int(metadata["fae.stop"]), rows, skipped)

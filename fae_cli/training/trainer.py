@@ -87,7 +87,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fae_cli.artifacts import atomic_write_text
+from fae_cli.artifacts import atomic_write_text, describe_changes
 from fae_cli.errors import FaeError
 from fae_cli.log import console
 from fae_cli.recipe import OptimConfig
@@ -125,6 +125,18 @@ _STEP_STREAM = 2
 
 class TrainingInterrupted(FaeError):
     """Training stopped on a signal or request after writing a checkpoint; rerunning resumes it."""
+
+
+# Exit status of a run stopped by `request_stop` rather than a signal: EX_TEMPFAIL, "try again".
+REQUESTED_STOP_EXIT = 75
+
+
+def _stop_exit_code(reason: str | None) -> int:
+    """128 + the signal number for SIGTERM/SIGINT, as shells report them; 75 for a request."""
+    try:
+        return 128 + int(signal.Signals[reason or ""])
+    except KeyError:
+        return REQUESTED_STOP_EXIT
 
 
 @dataclass
@@ -322,13 +334,9 @@ class Trainer:
         stored = header.get("fae.identity")
         if stored == self.identity:
             return
-        before = _flatten(stored if isinstance(stored, dict) else {})
-        now = _flatten(self.identity)
-        keys = sorted(key for key in before.keys() | now.keys() if before.get(key) != now.get(key))
-        shown = "; ".join(f"{key}: {before.get(key)!r} there, {now.get(key)!r} now" for key in keys[:3])
-        more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+        shown = describe_changes(stored if isinstance(stored, dict) else {}, self.identity)
         raise FaeError(
-            f"{self.run_dir} contains a {self.task.kind} run trained with other settings ({shown}{more}); "
+            f"{self.run_dir} contains a {self.task.kind} run trained with other settings ({shown}); "
             f"rerun with the settings of {folder.name}, or write to another folder (--out or run.name)"
         )
 
@@ -394,6 +402,12 @@ class Trainer:
                 if done % optim.log_every == 0 or done == optim.steps or result.stop:
                     metrics = self._log(window, done)
                     progress.update(bar, loss=f"{metrics['loss']:.4g}", speed=f"{metrics['samples_per_s']:.1f}")
+                    if self.env.is_main and not (self.show_progress and console.is_terminal):
+                        # No live bar (a log file, a pipe, a batch job): one line per log interval.
+                        log.info(
+                            "%s step %d/%d: loss %.4g, %.1f samples/s",
+                            self.task.kind, done, optim.steps, metrics["loss"], metrics["samples_per_s"],
+                        )
                 progress.update(bar, completed=done)
                 if time.perf_counter() - drawn >= PROGRESS_REDRAW_S or done == optim.steps:
                     progress.refresh()
@@ -407,7 +421,8 @@ class Trainer:
                         self.save()
                     raise TrainingInterrupted(
                         f"training stopped by {self._stop_reason} after step {done} of {optim.steps}; "
-                        f"checkpoint written to {self.last_checkpoint}; run the same command again to resume"
+                        f"checkpoint written to {self.last_checkpoint}; run the same command again to resume",
+                        exit_code=_stop_exit_code(self._stop_reason),
                     )
         return metrics
 
@@ -742,14 +757,3 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, dict):
         return {key: _to_device(value, device) for key, value in batch.items()}
     return batch
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
