@@ -66,7 +66,7 @@ class OptimConfig(Section):
 class RunConfig(Section):
     """Output location, global seed and compute device."""
 
-    name: str = Field("quickstart", description="Run name; outputs go to <out_dir>/<name>/<stage>.")
+    name: str = Field("default", description="Run name; outputs go to <out_dir>/<name>/<stage>.")
     out_dir: Path = Field(Path("runs"), description="Root folder of all runs.")
     seed: int = Field(0, description="Global seed: data order, initialisation, sampling noise.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Compute device; auto picks CUDA when available.")
@@ -259,14 +259,22 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
         except tomllib.TOMLDecodeError as error:
             raise FaeError(f"invalid TOML in {path}: {error}") from None
 
+    overridden: list[str] = []
     for override in overrides:
         key, value = _parse_override(override)
         _check_path(key)
         _set_nested(data, key.split("."), value)
+        overridden.append(key)
 
     try:
         return Recipe.model_validate(data)
     except ValidationError as error:
+        # Name where the bad value came from: the --set that wrote it, else the file (or defaults).
+        loc = ".".join(str(part) for part in error.errors()[0]["loc"])
+        for key in reversed(overridden):
+            if loc == key or loc.startswith(key + "."):
+                source = f"--set {key}"
+                break
         raise FaeError(f"{source}: {_describe_validation_error(error)}") from None
 
 
@@ -335,7 +343,8 @@ def _describe_validation_error(error: ValidationError) -> str:
     errors = error.errors()
     first = errors[0]
     loc = tuple(first["loc"])
-    path = ".".join(str(part) for part in loc)
+    # A list item reads as evaluate.metrics[0], the way a user would write it.
+    path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
     more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
     if first["type"] == "extra_forbidden":
         parent = _model_at(loc[:-1])

@@ -65,7 +65,7 @@ def extracted(tmp_path_factory):
 def test_features_equal_direct_forward(extracted):
     recipe, folder = extracted
     cache = open_cache(folder)
-    assert folder.parts[-3:] == ("runs", "quickstart", "features")
+    assert folder.parts[-3:] == ("runs", "default", "features")
     assert len(cache) == 10
     assert torch.equal(cache.load_all(), _direct_features(recipe, 10))
     assert cache.labels.tolist() == open_images(recipe.data).labels[:10].tolist()
@@ -90,7 +90,7 @@ def test_holdout_split_folder(tmp_path):
     recipe = _recipe(tmp_path, f"data.source={str(tmp_path / 'five.npz')!r}", "data.holdout=2")
     folder = extract.run(recipe, split="holdout")
     cache = open_cache(folder)
-    assert folder == tmp_path / "runs" / "quickstart" / "features-holdout"
+    assert folder == tmp_path / "runs" / "default" / "features-holdout"
     assert len(cache) == 2
     assert cache.manifest["data"]["offset"] == 3
     assert torch.equal(cache.load_all(), _direct_features(recipe, 2, split="holdout"))
@@ -221,5 +221,5 @@ def test_two_ranks_cover_each_index_once(tmp_path):
 
 def test_plan_names_split_folder(tmp_path):
     recipe = _recipe(tmp_path)
-    assert extract.plan(recipe).outputs["feature cache"].endswith("quickstart/features")
-    assert extract.plan(recipe, split="holdout").outputs["feature cache"].endswith("quickstart/features-holdout")
+    assert extract.plan(recipe).outputs["feature cache"].endswith("default/features")
+    assert extract.plan(recipe, split="holdout").outputs["feature cache"].endswith("default/features-holdout")
