@@ -296,6 +296,20 @@ def test_cli_statistics_reference_rejects_prc(folders, tmp_path, capsys):
     assert "Traceback" not in message
 
 
+def test_cli_keeps_an_earlier_metrics_file(folders, tmp_path, capsys):
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"metrics": {"fid": 1.0}}')
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "fid", str(folders[0]), str(folders[1]), "--out", str(out)])
+    message = capsys.readouterr().err.strip()
+
+    assert exit_info.value.code == 2
+    assert message == f"error: {out / 'metrics.json'} exists from an earlier evaluation; pass --out with another folder, or --overwrite to replace it"
+    assert (out / "metrics.json").read_text() == '{"metrics": {"fid": 1.0}}'
+
+
 # ----------------------------------------------------------------------------------------------
 # End to end, and parity with torch-fidelity
 

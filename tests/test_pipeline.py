@@ -95,7 +95,7 @@ def test_changed_setting_stops_naming_folder(first_run):
     with pytest.raises(FaeError) as error:
         pipeline.run(changed)
     assert str(folder / "adapter") in str(error.value)
-    assert "other settings" in str(error.value)
+    assert "other settings (adapter.kl_weight: 1e-06 there, 0.5 now)" in str(error.value)
 
 
 def test_cli_dry_run_lists_stages_and_models():

@@ -141,6 +141,42 @@ def test_cli_set_wrong_type_exits_2(tmp_path):
     assert "'abc'" in result.stderr
 
 
+def test_set_error_names_the_override_not_the_file(tmp_path):
+    path = write(tmp_path, "[adapter]\nlatent_channels = 8\n")
+    with pytest.raises(FaeError) as error:
+        load_recipe(path, ["evaluate.metrics=['fid', 'fdd']"])
+    assert str(error.value).startswith("--set evaluate.metrics: invalid value 'fdd' for 'evaluate.metrics[1]'")
+    bad_file = write(tmp_path, "[adapter]\nlatent_channels = -1\n")
+    with pytest.raises(FaeError) as error:
+        load_recipe(bad_file, ["adapter.kl_weight=0.5"])
+    assert str(error.value).startswith(f"{bad_file}: invalid value -1 for 'adapter.latent_channels'")
+
+
+def test_default_run_name_is_not_the_quickstart():
+    # The quickstart recipe writes runs/quickstart; bare defaults must not land in the same folder.
+    quickstart = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.toml")
+    assert load_recipe().run.name != quickstart.run.name
+
+
+def test_cli_dry_run_flags_missing_inputs(tmp_path):
+    missing = tmp_path / "no-such-folder"
+    result = run_cli("run", str(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.toml"),
+                     "--set", f"data.source='{missing}'", "--set", f"run.out_dir='{tmp_path / 'runs'}'", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    output = " ".join((result.stdout + result.stderr).split())
+    assert f"in images: {missing} (train split) [MISSING]" in output
+    assert f"in feature cache: {tmp_path / 'runs' / 'quickstart' / 'features'} [made by extract]" in output
+    assert f"1 input path(s) missing, the run would stop at the first: {missing}" in output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_dry_run_embedded_data_found(tmp_path):
+    result = run_cli("extract", "--set", f"run.out_dir='{tmp_path}'", "--dry-run")
+    output = " ".join((result.stdout + result.stderr).split())
+    assert "in images: fashion-mnist (train split) [found]" in output
+    assert "missing" not in output
+
+
 def test_cli_debug_shows_traceback(tmp_path):
     result = run_cli("--debug", "train-adapter", "--set", "adapter.train.steps=abc", "--dry-run")
     assert result.returncode != 0

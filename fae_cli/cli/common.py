@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.syntax import Syntax
-from rich.table import Table
 
 from fae_cli.log import console
 from fae_cli.recipe import Recipe, load_recipe, recipe_hash, to_toml
@@ -50,19 +50,52 @@ def _as_toml(value: object) -> str:
 
 
 def print_dry_run(recipe: Recipe, plans: list[Plan]) -> None:
-    """Print the resolved recipe and each stage's inputs and outputs."""
+    """Print the resolved recipe and each stage's inputs and outputs, flagging missing inputs.
+
+    An input is "made by <stage>" when an earlier stage of the plan writes it, "found" when it
+    exists, and "MISSING" when it is a path that neither exists nor is made by the plan. Inputs
+    that are names (an encoder from the model hub) carry no flag.
+    """
     console.print(f"[bold]resolved recipe[/bold] (hash {recipe_hash(recipe)})")
     console.print(Syntax(to_toml(recipe), "toml", theme="ansi_dark", background_color="default"))
-    table = Table(title="plan (dry run: nothing was run)", show_lines=False)
-    table.add_column("stage")
-    table.add_column("role")
-    table.add_column("path", overflow="fold")
+    console.print("[bold]plan[/bold] (dry run: nothing was run)")
+    produced: dict[str, str] = {}
+    missing: list[str] = []
     for plan in plans:
-        for role, path in plan.inputs.items():
-            table.add_row(plan.stage, f"in: {role}", path)
-        for role, path in plan.outputs.items():
-            table.add_row(plan.stage, f"out: {role}", path)
-    console.print(table)
+        if not plan.inputs and not plan.outputs:
+            continue
+        console.print(plan.stage, highlight=False)
+        for role, value in plan.inputs.items():
+            status = input_status(value, produced)
+            if status == "MISSING" and value.split(" (")[0] not in missing:
+                missing.append(value.split(" (")[0])
+            flag = f"  \\[{status}]" if status else ""
+            console.print(f"  in   {role + ':':<20} {escape(value)}{flag}", highlight=False, soft_wrap=True)
+        for role, value in plan.outputs.items():
+            produced.setdefault(value, plan.stage)
+            console.print(f"  out  {role + ':':<20} {escape(value)}", highlight=False, soft_wrap=True)
     for plan in plans:
         for note in plan.notes:
             console.print(f"{plan.stage}: {note}", highlight=False, soft_wrap=True)
+    if missing:
+        console.print(
+            f"[yellow]warning:[/yellow] {len(missing)} input path(s) missing, the run would stop at the first: {', '.join(missing)}",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+def input_status(value: str, produced: dict[str, str]) -> str:
+    """Return the dry-run flag of one plan input: made by a stage, found, MISSING, or "" for a name."""
+    from fae_cli.data.datasets import EMBEDDED, EMBEDDED_FILE
+
+    path = value.split(" (")[0]
+    for output, stage in produced.items():
+        if path == output or path.startswith(output.rstrip("/") + "/"):
+            return f"made by {stage}"
+    if path == EMBEDDED:
+        return "found" if EMBEDDED_FILE.is_file() else "MISSING"
+    if Path(path).exists():
+        return "found"
+    looks_like_path = "/" in path or "\\" in path or Path(path).suffix != ""
+    return "MISSING" if looks_like_path else ""

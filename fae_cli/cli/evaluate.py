@@ -7,9 +7,23 @@ from typing import Annotated
 
 import typer
 
-from fae_cli.cli.app import OutOption, evaluate_app
+from fae_cli.cli.app import evaluate_app
 from fae_cli.cli.common import DryRunOption, RecipeOption, SetOption, print_dry_run, resolve
+from fae_cli.errors import FaeError
 from fae_cli.stages.plan import Plan, RunPaths
+
+EvalOutOption = Annotated[
+    Path | None,
+    typer.Option("--out", "-o", help="Folder of metrics.json; default: <run.out_dir>/<run.name>/eval/ followed by fid, recon or probe.", show_default=False),
+]
+OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace the metrics.json an earlier evaluation wrote in the output folder.")]
+
+
+def _check_target(target: Path, overwrite: bool) -> None:
+    """Raise a FaeError when `target` contains an earlier metrics.json and `overwrite` is off."""
+    existing = target / "metrics.json"
+    if existing.is_file() and not overwrite:
+        raise FaeError(f"{existing} exists from an earlier evaluation; pass --out with another folder, or --overwrite to replace it")
 
 
 @evaluate_app.command("fid")
@@ -20,7 +34,8 @@ def fid_command(
     sets: SetOption = None,
     dry_run: DryRunOption = False,
     metrics: Annotated[str | None, typer.Option(help="Comma-separated metrics: fid,kid,prc,sfid,isc.", show_default=False)] = None,
-    out: OutOption = None,
+    out: EvalOutOption = None,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """FID (and KID, precision/recall, sFID, IS) of samples against a reference."""
     from fae_cli.evaluation import fid
@@ -29,10 +44,14 @@ def fid_command(
     if metrics is not None:
         overrides["evaluate.metrics"] = "[" + ", ".join(f'"{m.strip()}"' for m in metrics.split(",") if m.strip()) + "]"
     resolved = resolve(recipe, [*(sets or []), *(f"{k}={v}" for k, v in overrides.items())])
-    target = out or (samples.parent if samples.suffix == ".npz" else samples)
+    target = out or RunPaths.of(resolved).evaluation / "fid"
     if dry_run:
-        print_dry_run(resolved, [Plan("evaluate fid", inputs={"samples": str(samples), "reference": str(reference)}, outputs={"metrics": str(target / "metrics.json")})])
+        from fae_cli.stages.pipeline import evaluate_inputs
+
+        inputs = evaluate_inputs(resolved, samples, str(reference))
+        print_dry_run(resolved, [Plan("evaluate fid", inputs=inputs, outputs={"metrics": str(target / "metrics.json")})])
         return
+    _check_target(target, overwrite)
     fid.run_fid(
         samples,
         reference,
@@ -52,7 +71,8 @@ def recon_command(
     decoder: Annotated[Path | None, typer.Option(help="Pixel decoder checkpoint or run folder.", show_default=False)] = None,
     adapter: Annotated[Path | None, typer.Option(help="Adapter checkpoint; omit to decode frozen features directly.", show_default=False)] = None,
     fid: Annotated[bool, typer.Option("--fid/--no-fid", help="Also compute rFID (Inception on originals and reconstructions; slow on a CPU).")] = True,
-    out: OutOption = None,
+    out: EvalOutOption = None,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """PSNR, SSIM and rFID of reconstructions of held-out images."""
     from fae_cli.evaluation import recon
@@ -64,6 +84,7 @@ def recon_command(
         default_decoder = paths.decoder_finetune if resolved.decoder.finetune else paths.decoder_noise
         print_dry_run(resolved, [Plan("evaluate recon", inputs={"decoder": str(decoder or default_decoder), "adapter": str(adapter or "none")}, outputs={"metrics": str(target)})])
         return
+    _check_target(target, overwrite)
     recon.run_recon(resolved, decoder=decoder, adapter=adapter, out=target, fid=fid)
 
 
@@ -74,7 +95,8 @@ def probe_command(
     dry_run: DryRunOption = False,
     features: Annotated[Path | None, typer.Option(help="Labelled feature cache.", show_default=False)] = None,
     adapter: Annotated[Path | None, typer.Option(help="Adapter checkpoint (adds x-hat and z to the comparison).", show_default=False)] = None,
-    out: OutOption = None,
+    out: EvalOutOption = None,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Linear-probe accuracy of features x, reconstructions x-hat and latents z."""
     from fae_cli.evaluation import probe
@@ -85,4 +107,5 @@ def probe_command(
     if dry_run:
         print_dry_run(resolved, [Plan("evaluate probe", inputs={"features": str(features or paths.features), "adapter": str(adapter or paths.adapter)}, outputs={"metrics": str(target)})])
         return
+    _check_target(target, overwrite)
     probe.run_probe(resolved, features=features, adapter=adapter, out=target)

@@ -98,6 +98,9 @@ def plan(
     if phase == "finetune":
         inputs["adapter"] = str(adapter or paths.adapter)
         inputs["noise-phase decoder"] = str(init or paths.decoder_noise)
+    if recipe.decoder.perceptual == "lpips-vgg":
+        for number, weights in enumerate(recipe.decoder.perceptual_weights, start=1):
+            inputs[f"LPIPS weights {number}"] = str(weights)
     target = paths.decoder_noise if phase == "noise" else paths.decoder_finetune
     return Plan(f"train-decoders ({phase})", inputs=inputs, outputs={"pixel decoder": str(out or target)})
 

@@ -47,18 +47,25 @@ STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 
 def plan(recipe: Recipe, out: Path | None = None, latents_from: Path | None = None, split: str = "train") -> Plan:
     paths = RunPaths.of(recipe)
+    inputs = {"images": f"{recipe.data.source} ({split} split)", **encoder_inputs(recipe)}
     if latents_from is not None:
-        return Plan(
-            "extract --latents",
-            inputs={"images": recipe.data.source, "encoder": recipe.encoder.name, "adapter": str(latents_from)},
-            outputs={"latent cache": str(out or paths.latents)},
-        )
+        inputs["adapter"] = str(latents_from)
+        return Plan("extract --latents", inputs=inputs, outputs={"latent cache": str(out or paths.latents)})
     default = paths.features if split == "train" else paths.holdout_features
-    return Plan(
-        "extract",
-        inputs={"images": f"{recipe.data.source} ({split} split)", "encoder": recipe.encoder.name},
-        outputs={"feature cache": str(out or default)},
-    )
+    return Plan("extract", inputs=inputs, outputs={"feature cache": str(out or default)})
+
+
+def encoder_inputs(recipe: Recipe) -> dict[str, str]:
+    """Describe the encoder as a plan input: its local weights file when set, else where its weights come from."""
+    from fae_cli.encoders import encoder_spec
+
+    if recipe.encoder.weights is not None:
+        return {"encoder weights": str(recipe.encoder.weights)}
+    try:
+        source = encoder_spec(recipe.encoder.name).source
+    except FaeError:
+        source = "not in the registry"
+    return {"encoder": f"{recipe.encoder.name} ({source})"}
 
 
 def run(recipe: Recipe, out: Path | None = None, split: str = "train") -> Path:

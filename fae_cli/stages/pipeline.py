@@ -19,12 +19,12 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
-from fae_cli.artifacts import MANIFEST, atomic_write_bytes, read_manifest, write_manifest
+from fae_cli.artifacts import MANIFEST, RECIPE_FILE, atomic_write_bytes, describe_changes, read_manifest, write_manifest
 from fae_cli.errors import FaeError
 from fae_cli.log import console
 from fae_cli.recipe import Recipe, to_toml
 from fae_cli.stages import adapter, decoders, extract, generator, sample
-from fae_cli.stages.plan import Plan, RunPaths, stage_hash
+from fae_cli.stages.plan import STAGE_SECTIONS, Plan, RunPaths, stage_hash
 from fae_cli.training.distributed import DistEnv, barrier, cleanup, init_distributed
 
 log = logging.getLogger(__name__)
@@ -53,20 +53,20 @@ def plan(recipe: Recipe) -> list[Plan]:
         extract.plan(recipe, latents_from=paths.adapter),
         generator.plan(recipe),
         sample.plan(recipe),
-        Plan(
-            "evaluate",
-            inputs={"samples": str(paths.samples / "samples.npz"), "reference": _reference_description(recipe)},
-            outputs={"metrics": str(paths.evaluation / "metrics.json")},
-        ),
+        Plan("evaluate", inputs=evaluate_inputs(recipe, paths.samples / "samples.npz"), outputs={"metrics": str(paths.evaluation / "metrics.json")}),
     ]
     return [Plan("models", notes=model_summary(recipe)), *plans]
 
 
-def _reference_description(recipe: Recipe) -> str:
-    if recipe.evaluate.reference is not None:
-        return recipe.evaluate.reference
-    folder = RunPaths.of(recipe).evaluation / REFERENCE_FILE
-    return f"{folder} (up to {recipe.evaluate.num_reference} held-out images)"
+def evaluate_inputs(recipe: Recipe, samples: Path, reference: str | None = None) -> dict[str, str]:
+    """Return the inputs of `evaluate fid`: samples, the reference, and Inception weights when named."""
+    reference = reference or recipe.evaluate.reference
+    if reference is None:
+        reference = f"{recipe.data.source} (up to {recipe.evaluate.num_reference} held-out images)"
+    inputs = {"samples": str(samples), "reference": reference}
+    if recipe.evaluate.inception_weights is not None:
+        inputs["Inception weights"] = str(recipe.evaluate.inception_weights)
+    return inputs
 
 
 def model_summary(recipe: Recipe) -> list[str]:
@@ -173,9 +173,28 @@ def is_up_to_date(recipe: Recipe, step: Step) -> bool:
     if manifest.get("recipe_hash") == expected:
         return True
     raise FaeError(
-        f"{step.folder} was produced by other settings (recipe hash {manifest.get('recipe_hash')}, this recipe {expected}); "
+        f"{step.folder} was produced by other settings ({_changed_settings(recipe, step.key, step.folder, manifest)}); "
         "set another run.name, or delete that folder and the stages after it to redo them"
     )
+
+
+def _changed_settings(recipe: Recipe, key: str, folder: Path, manifest: dict[str, Any]) -> str:
+    """Name the recipe values `key` depends on that differ from the recipe.toml stored in `folder`."""
+    import tomllib
+
+    from fae_cli.recipe import recipe_dict
+
+    hashes = f"recipe hash {manifest.get('recipe_hash')} there, {stage_hash(recipe, key)} now"
+    now = recipe_dict(recipe)
+    try:
+        before = recipe_dict(Recipe.model_validate(tomllib.loads((folder / RECIPE_FILE).read_text(encoding="utf-8"))))
+    except (OSError, tomllib.TOMLDecodeError, ValueError):
+        return hashes
+    def selected(data: dict[str, Any]) -> dict[str, Any]:
+        return {**{name: data[name] for name in STAGE_SECTIONS[key]}, "run.seed": data["run"]["seed"]}
+
+    described = describe_changes(selected(before), selected(now))
+    return described or hashes
 
 
 def _sample_and_mark(recipe: Recipe, env: DistEnv) -> None:

@@ -32,7 +32,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from fae_cli.artifacts import atomic_write_bytes, atomic_write_text
+from fae_cli.artifacts import atomic_write_bytes, atomic_write_text, describe_changes
 from fae_cli.errors import FaeError
 from fae_cli.log import console
 from fae_cli.recipe import Recipe
@@ -64,13 +64,12 @@ OPERATIONAL_KEYS = ("num_samples", "batch_size", "world_size", "complete")
 def plan(recipe: Recipe, generator: Path | None = None, out: Path | None = None) -> Plan:
     paths = RunPaths.of(recipe)
     decoder = paths.decoder_finetune if recipe.decoder.finetune else paths.decoder_noise
+    inputs = {"generator": str(generator or paths.generator), "adapter": str(paths.adapter), "pixel decoder": str(decoder)}
+    if recipe.sample.guide_checkpoint is not None:
+        inputs["guide generator"] = str(recipe.sample.guide_checkpoint)
     return Plan(
         "sample",
-        inputs={
-            "generator": str(generator or paths.generator),
-            "adapter": str(paths.adapter),
-            "pixel decoder": str(decoder),
-        },
+        inputs=inputs,
         outputs={"samples": str(out or paths.samples)},
         notes=[_describe_plan(recipe)],
     )
@@ -239,24 +238,14 @@ def check_settings(out: Path, settings: dict[str, Any]) -> None:
         raise FaeError(
             f"invalid {path}; delete it only if every PNG in {out / IMAGES} comes from the current settings"
         ) from None
-    keys = sorted((before.keys() | settings.keys()) - set(OPERATIONAL_KEYS))
-    differing = [
-        key for key in keys if _comparable(before.get(key)) != _comparable(settings.get(key))
-    ]
-    if differing:
-        shown = "; ".join(
-            f"{key}: {before.get(key)!r} there, {settings.get(key)!r} now" for key in differing[:2]
-        )
+    stable_before = {key: value for key, value in before.items() if key not in OPERATIONAL_KEYS}
+    stable_now = {key: value for key, value in settings.items() if key not in OPERATIONAL_KEYS}
+    # "path" entries are left out: a moved input is the same input.
+    shown = describe_changes(stable_before, stable_now, limit=2, ignore=("path",))
+    if shown:
         raise FaeError(
             f"{out} contains samples made with other settings ({shown}); choose another output folder (--out) or delete it"
         )
-
-
-def _comparable(value: Any) -> Any:
-    """Return `value` as it reads back from JSON, without "path" entries: a moved input is the same input."""
-    if isinstance(value, dict):
-        return {key: _comparable(item) for key, item in value.items() if key != "path"}
-    return json.loads(json.dumps(value))
 
 
 def missing_indices(out: Path, count: int) -> list[int]:
