@@ -81,8 +81,8 @@ class DataConfig(Section):
     )
     split: Literal["train", "test"] = Field("train", description="Embedded Fashion-MNIST only: the split used for training (train 6,000 or test 1,000 images); its holdout is always the test split.")
     image_size: int = Field(256, ge=8, description="Square image size after ADM-style resize and center crop.")
-    limit: int | None = Field(None, ge=1, description="Use at most this many training images (first ones in sorted order); the holdout split is not limited.")
-    holdout: int = Field(0, ge=0, description="Image folders and .npz files: the last this many images in sorted order form the holdout split (the embedded dataset uses its test split).")
+    limit: int | None = Field(None, ge=1, description="Use at most this many training images, evenly spaced over the sorted order so classes keep their shares; the holdout split is not limited.")
+    holdout: int = Field(0, ge=0, description="Image folders and .npz files: this many images, evenly spaced over the sorted order, form the holdout split (the embedded dataset uses its test split).")
 
 
 class EncoderConfig(Section):

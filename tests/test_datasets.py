@@ -53,15 +53,30 @@ def test_flat_folder_unlabelled(tmp_path):
     assert dataset[1][1] == -1
 
 
-def test_holdout_is_last_in_sorted_order(tmp_path):
+def test_holdout_evenly_spaced_in_sorted_order(tmp_path):
     for index in range(5):
         _save(tmp_path / f"{index}.png", (index, 0, 0))
     config = DataConfig(source=str(tmp_path), image_size=8, holdout=2, limit=2)
     train = open_images(config, "train")
     holdout = open_images(config, "holdout")
-    assert [train.name(i) for i in range(len(train))] == ["0.png", "1.png"]
-    assert [holdout.name(i) for i in range(len(holdout))] == ["3.png", "4.png"]
-    assert holdout.describe()["offset"] == 3
+    # Holdout: the middles of two bins of 2.5 rows, floor(1.25) and floor(3.75). Train keeps
+    # rows 0, 2, 4, and the limit of 2 takes the middles of two bins of 1.5 of them: 0 and 4.
+    assert [holdout.name(i) for i in range(len(holdout))] == ["1.png", "3.png"]
+    assert [train.name(i) for i in range(len(train))] == ["0.png", "4.png"]
+    assert holdout.rows.tolist() == [1, 3]
+    assert holdout.describe()["rows_sha256"] != train.describe()["rows_sha256"]
+
+
+def test_holdout_keeps_class_shares(tmp_path):
+    for name in ("a", "b", "c"):
+        for index in range(10):
+            _save(tmp_path / name / f"{index}.png", (index, 0, 0))
+    config = DataConfig(source=str(tmp_path), image_size=8, holdout=6, limit=9)
+    holdout = open_images(config, "holdout")
+    train = open_images(config, "train")
+    assert np.bincount(holdout.labels).tolist() == [2, 2, 2]
+    assert np.bincount(train.labels).tolist() == [3, 3, 3]
+    assert not set(holdout.rows.tolist()) & set(train.rows.tolist())
 
 
 def test_holdout_too_large(tmp_path):
@@ -112,8 +127,9 @@ def test_npz_adm_keys(tmp_path):
     dataset = open_images(DataConfig(source=str(tmp_path / "set.npz"), image_size=8, holdout=1))
     assert len(dataset) == 3
     assert dataset.num_classes == 3
-    assert dataset.labels.tolist() == [2, 0, 1]
+    assert dataset.labels.tolist() == [2, 0, 2]  # row 2, the middle of 4, is the holdout
     assert dataset[1][0][0].unique().tolist() == [10]
+    assert dataset[2][0][0].unique().tolist() == [30]
 
 
 def test_npz_grey_unlabelled(tmp_path):
@@ -152,12 +168,16 @@ def test_fashion_mnist_holdout_is_test_split():
 
 
 def test_fashion_mnist_item_and_limit():
+    full = open_images(DataConfig(image_size=32))
     dataset = open_images(DataConfig(image_size=32, limit=5))
     image, label = dataset[0]
     assert len(dataset) == 5
+    assert dataset.rows.tolist() == [600, 1800, 3000, 4200, 5400]
+    assert dataset.labels.tolist() == full.labels[[600, 1800, 3000, 4200, 5400]].tolist()
     assert tuple(image.shape) == (3, 32, 32)
     assert (image[0] == image[1]).all()
-    assert label == 9
+    assert torch.equal(image, full[600][0])
+    assert label == full[600][1]
 
 
 def test_describe_facts(class_folder):

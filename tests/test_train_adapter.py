@@ -99,7 +99,8 @@ def test_stage_metrics_match_reloaded_ema(trained):
     metrics = json.loads((out / "metrics.json").read_text())
     model, _ = load_adapter(out)
     cache = open_cache(root / "features")
-    again = evaluate_reconstruction(model, cache, torch.arange(ROWS - 8, ROWS), batch_size=5)
+    # The 8 held-out rows are the middles of 8 bins of 6 rows: 3, 9, ..., 45.
+    again = evaluate_reconstruction(model, cache, torch.arange(3, ROWS, 6), batch_size=5)
     assert metrics["split"] == "holdout"
     assert metrics["count"] == 8
     assert again["mse"] == pytest.approx(metrics["ema"]["mse"], rel=1e-5)
@@ -136,11 +137,13 @@ def test_stage_rejects_changed_recipe(trained):
 def test_fetch_serves_flipped_rows(trained):
     root, _, _ = trained
     cache = open_cache(root / "features")
-    task = AdapterTask(nn.Identity(), cache, train_rows=40, holdout_rows=torch.arange(40, 48), kl_weight=0.0, eval_batch=8)
-    batch = task.fetch(torch.tensor([3, 43]))
+    train_rows = torch.cat([torch.arange(0, 48, 2), torch.arange(1, 33, 2)])  # 40 rows, not in order
+    task = AdapterTask(nn.Identity(), cache, train_rows=train_rows, holdout_rows=torch.arange(33, 48, 2), kl_weight=0.0, eval_batch=8)
+    batch = task.fetch(torch.tensor([3, 43, 30]))
     assert len(task) == 80
-    assert torch.equal(batch[0], cache.get(torch.tensor([3]))[0])
-    assert torch.equal(batch[1], cache.get(torch.tensor([3]), flip=True)[0])
+    assert torch.equal(batch[0], cache.get(torch.tensor([6]))[0])  # index 3 -> row train_rows[3] = 6
+    assert torch.equal(batch[1], cache.get(torch.tensor([6]), flip=True)[0])  # 43 = 40 + 3: its mirror
+    assert torch.equal(batch[2], cache.get(torch.tensor([13]))[0])  # index 30 -> row 1 + 2 * 6
 
 
 class _Scaled(nn.Module):

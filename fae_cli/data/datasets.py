@@ -4,15 +4,17 @@ Every dataset yields `(image, label)`: a uint8 tensor 3 x S x S after the ADM re
 crop to `data.image_size` (decoding rules in `fae_cli.data.images`), and an int label that is -1
 for unlabelled images.
 
-Splits. Folders are sorted by relative path and .npz arrays keep their row order. The last
-`data.holdout` images form the holdout split and the rest the train split, which `data.limit`
-then caps. In a folder with class sub-folders the sorted order is class by class, so the
-holdout comes from the last classes. The embedded Fashion-MNIST subset uses its own test split
-(1,000 images) as the holdout and ignores `data.holdout`.
+Splits. Folders are sorted by relative path and .npz arrays keep their row order. The holdout
+split is `data.holdout` images evenly spaced over that order, and the train split is the rest,
+which `data.limit` thins to evenly spaced rows. In a folder with class sub-folders the sorted
+order runs class by class, so even spacing keeps each class's share in both splits (taking the
+last rows would hold out only the last classes). The embedded Fashion-MNIST subset uses its own
+test split (1,000 images) as the holdout and ignores `data.holdout`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -53,7 +55,7 @@ class ImageDataset(Dataset):
         image_size: int,
         labels: np.ndarray,
         class_names: list[str],
-        offset: int,
+        rows: np.ndarray,
         total: int,
     ) -> None:
         self.source = source
@@ -62,7 +64,7 @@ class ImageDataset(Dataset):
         self.image_size = image_size
         self.labels = labels.astype(np.int64)
         self.class_names = class_names
-        self.offset = offset
+        self.rows = rows.astype(np.int64)  # positions of this split's items in the sorted source
         self.total = total
         self.skipped = SkippedFiles()
 
@@ -75,7 +77,7 @@ class ImageDataset(Dataset):
 
     def name(self, index: int) -> str:
         """Name of item `index` as logs and manifests show it."""
-        return f"{self.source}[{self.offset + index}]"
+        return f"{self.source}[{self.rows[index]}]"
 
     def _decode(self, index: int) -> tuple[Image.Image | None, str | None]:
         raise NotImplementedError
@@ -106,7 +108,7 @@ class ImageDataset(Dataset):
             "layout": self.layout,
             "split": self.split,
             "count": len(self),
-            "offset": self.offset,
+            "rows_sha256": hashlib.sha256(self.rows.tobytes()).hexdigest()[:16],
             "total": self.total,
             "image_size": self.image_size,
             "preprocessing": "adm-center-crop",
@@ -131,14 +133,17 @@ class FolderDataset(ImageDataset):
 
 
 class ArrayDataset(ImageDataset):
-    """uint8 arrays N x H x W (grey) or N x H x W x C (C = 1, 3 or 4) held in memory."""
+    """uint8 arrays N x H x W (grey) or N x H x W x C (C = 1, 3 or 4) held in memory.
+
+    `images` is the whole source array; item i reads row `rows[i]`, so a split costs no copy.
+    """
 
     def __init__(self, images: np.ndarray, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.images = images
 
     def _decode(self, index: int) -> tuple[Image.Image | None, str | None]:
-        array = self.images[index]
+        array = self.images[self.rows[index]]
         if array.ndim == 3 and array.shape[2] == 1:
             array = array[:, :, 0]
         return Image.fromarray(array), None
@@ -165,19 +170,29 @@ def open_images(data: DataConfig, split: str = "train") -> ImageDataset:
     raise FaeError(f"data.source {data.source!r} not found: use '{EMBEDDED}', an image folder or an .npz file")
 
 
-def split_range(total: int, data: DataConfig, split: str, source: str) -> range:
-    """Return the rows of `split` among `total` sorted images: holdout last, train capped by limit."""
+def split_rows(total: int, data: DataConfig, split: str, source: str) -> np.ndarray:
+    """Return the rows of `split` among `total` sorted images.
+
+    The holdout is `data.holdout` evenly spaced rows; train is every other row, thinned to
+    `data.limit` evenly spaced rows when that is set.
+    """
     holdout = data.holdout
     if holdout >= total:
         raise FaeError(f"data.holdout = {holdout} leaves no training images in {source} ({total} images); lower it")
+    if split == "holdout" and holdout == 0:
+        raise FaeError(f"{source} has no holdout split because data.holdout = 0; set data.holdout to the number of images to hold out")
+    holdout_rows = evenly_spaced(total, holdout)
     if split == "holdout":
-        if holdout == 0:
-            raise FaeError(f"{source} has no holdout split because data.holdout = 0; set data.holdout to the number of images to hold out")
-        return range(total - holdout, total)
-    stop = total - holdout
-    if data.limit is not None:
-        stop = min(stop, data.limit)
-    return range(0, stop)
+        return holdout_rows
+    train = np.setdiff1d(np.arange(total, dtype=np.int64), holdout_rows, assume_unique=True)
+    if data.limit is not None and data.limit < len(train):
+        train = train[evenly_spaced(len(train), data.limit)]
+    return train
+
+
+def evenly_spaced(total: int, count: int) -> np.ndarray:
+    """Return `count` distinct indices in [0, total), one at the middle of each of `count` equal bins."""
+    return np.floor((np.arange(count, dtype=np.float64) + 0.5) * total / count).astype(np.int64)
 
 
 def _open_folder(root: Path, data: DataConfig, split: str) -> ImageDataset:
@@ -203,17 +218,17 @@ def _open_folder(root: Path, data: DataConfig, split: str) -> ImageDataset:
         extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
         raise FaeError(f"no image files in {root} (looked for {extensions}, any case, in the folder and its class sub-folders)")
 
-    rows = split_range(len(files), data, split, str(root))
+    rows = split_rows(len(files), data, split, str(root))
     return FolderDataset(
         root,
-        files[rows.start : rows.stop],
+        [files[row] for row in rows],
         source=str(root.resolve()),
         layout=layout,
         split=split,
         image_size=data.image_size,
-        labels=labels[rows.start : rows.stop],
+        labels=labels[rows],
         class_names=class_names,
-        offset=rows.start,
+        rows=rows,
         total=len(files),
     )
 
@@ -238,16 +253,16 @@ def _open_npz(path: Path, data: DataConfig, split: str) -> ImageDataset:
     if names is None:
         names = [str(label) for label in range(int(labels.max()) + 1)] if label_key and len(labels) else []
 
-    rows = split_range(len(images), data, split, str(path))
+    rows = split_rows(len(images), data, split, str(path))
     return ArrayDataset(
-        images[rows.start : rows.stop],
+        images,
         source=str(path.resolve()),
         layout="npz",
         split=split,
         image_size=data.image_size,
-        labels=labels[rows.start : rows.stop],
+        labels=labels[rows],
         class_names=names,
-        offset=rows.start,
+        rows=rows,
         total=len(images),
     )
 
@@ -275,17 +290,17 @@ def _open_embedded(data: DataConfig, split: str) -> ImageDataset:
         labels = archive[f"{stored}_labels"].astype(np.int64)
         class_names = [str(name) for name in archive["class_names"]]
 
-    stop = len(images)
-    if split == "train" and data.limit is not None:
-        stop = min(stop, data.limit)
+    rows = np.arange(len(images), dtype=np.int64)
+    if split == "train" and data.limit is not None and data.limit < len(rows):
+        rows = evenly_spaced(len(rows), data.limit)
     return ArrayDataset(
-        images[:stop],
+        images,
         source=EMBEDDED,
         layout=f"fashion-mnist-{stored}",
         split=split,
         image_size=data.image_size,
-        labels=labels[:stop],
+        labels=labels[rows],
         class_names=class_names,
-        offset=0,
+        rows=rows,
         total=len(images),
     )

@@ -1,6 +1,7 @@
 """Stage `train-adapter`: the FAE encoder and feature decoder as a VAE on cached frozen features.
 
-Steps: open the feature cache and hold out its last `adapter.holdout` rows. Build the model from
+Steps: open the feature cache and hold out `adapter.holdout` evenly spaced rows (a cache of class
+folders runs class by class, so even spacing keeps every class in the held-out rows). Build the model from
 the recipe and the cache's width and grid, and train it with the shared trainer; flipped copies,
 when the cache has them, count as extra training samples. Then evaluate the model and its EMA
 on the held-out rows (feature MSE and mean cosine similarity between x_hat and x), and write
@@ -23,6 +24,7 @@ from torch import nn
 
 from fae_cli.artifacts import MANIFEST, atomic_write_text, read_manifest, write_manifest
 from fae_cli.data.cache import Cache, open_cache
+from fae_cli.data.datasets import evenly_spaced
 from fae_cli.errors import FaeError
 from fae_cli.models.fae import FAE, build_fae, cosine_similarity, kl_divergence
 from fae_cli.recipe import AdapterConfig, Recipe, to_toml
@@ -60,11 +62,11 @@ def plan(recipe: Recipe, features: Path | None = None, out: Path | None = None) 
 
 
 class AdapterTask(TrainTask):
-    """VAE training on cache rows [0, train_rows); with flips, rows train_rows.. are mirrored copies."""
+    """VAE training on the cache rows `train_rows`; with flips, indices from len(train_rows) on are mirrored copies."""
 
     kind = KIND
 
-    def __init__(self, model: FAE, cache: Cache, train_rows: int, holdout_rows: torch.Tensor, kl_weight: float, eval_batch: int) -> None:
+    def __init__(self, model: FAE, cache: Cache, train_rows: torch.Tensor, holdout_rows: torch.Tensor, kl_weight: float, eval_batch: int) -> None:
         self.model = model
         self.cache = cache
         self.train_rows = train_rows
@@ -73,13 +75,13 @@ class AdapterTask(TrainTask):
         self.eval_batch = eval_batch
 
     def __len__(self) -> int:
-        return self.train_rows * (2 if self.cache.has_flip else 1)
+        return len(self.train_rows) * (2 if self.cache.has_flip else 1)
 
     def fetch(self, indices: torch.Tensor) -> torch.Tensor:
+        rows = self.train_rows[indices % len(self.train_rows)]
         if not self.cache.has_flip:
-            return self.cache.get(indices)
-        flipped = indices >= self.train_rows
-        rows = indices % self.train_rows
+            return self.cache.get(rows)
+        flipped = indices >= len(self.train_rows)
         out = torch.empty((len(indices), *self.cache.item_shape), dtype=torch.float32)
         if (~flipped).any():
             out[~flipped] = self.cache.get(rows[~flipped])
@@ -157,7 +159,7 @@ def _train(recipe: Recipe, features: Path, out: Path, env: Any) -> Path:
         "adapter: %s encoder %.2fM + feature decoder %.2fM parameters; %d x %d tokens of width %d -> latent %d; "
         "%d training rows%s, %d %s rows for evaluation",
         config.kind, counts["encoder"] / 1e6, counts["decoder"] / 1e6, *cache.grid, cache.width, config.latent_channels,
-        train_rows, " (+ flipped copies)" if cache.has_flip else "", len(holdout_rows), split,
+        len(train_rows), " (+ flipped copies)" if cache.has_flip else "", len(holdout_rows), split,
     )
 
     eval_batch = max(1, min(256, config.train.batch_size))
@@ -208,16 +210,20 @@ def _train(recipe: Recipe, features: Path, out: Path, env: Any) -> Path:
     return out
 
 
-def _split(cache: Cache, config: AdapterConfig, features: Path) -> tuple[int, torch.Tensor, str]:
-    """Return the training row count, the evaluation rows and the name of their split."""
+def _split(cache: Cache, config: AdapterConfig, features: Path) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Return the training rows, the evaluation rows and the name of their split."""
     count = len(cache)
     if config.holdout >= count:
         raise FaeError(f"adapter.holdout = {config.holdout} leaves no training rows in {features} ({count} rows); lower it")
+    every_row = torch.arange(count)
     if config.holdout == 0:
         # NOTE: with nothing held out, the final figures measure fit to training rows, not generalisation.
         log.warning("adapter.holdout = 0: the final evaluation uses training rows")
-        return count, torch.arange(min(count, 256)), "train"
-    return count - config.holdout, torch.arange(count - config.holdout, count), "holdout"
+        return every_row, torch.from_numpy(evenly_spaced(count, min(count, 256))), "train"
+    holdout_rows = torch.from_numpy(evenly_spaced(count, config.holdout))
+    is_train = torch.ones(count, dtype=torch.bool)
+    is_train[holdout_rows] = False
+    return every_row[is_train], holdout_rows, "holdout"
 
 
 def adapter_facts(config: AdapterConfig, cache: Cache, features: Path) -> dict[str, Any]:

@@ -79,7 +79,7 @@ CACHE_FACTS = ("encoder", "weights_hash", "input_size", "image_size", "grid", "w
 # Facts an adapter must share with the decoder, in the order they are checked.
 ADAPTER_FACTS = (("encoder", "encoder"), ("weights_hash", "encoder weights hash"), ("input_size", "encoder input size"), ("width", "feature width"), ("grid", "feature grid"))
 # Dataset facts (`ImageDataset.describe`) that must equal those stored in the cache manifest.
-DATA_FACTS = ("source", "layout", "split", "count", "offset", "total", "image_size")
+DATA_FACTS = ("source", "layout", "split", "count", "rows_sha256", "total", "image_size")
 SCALE_ROWS = 1024  # cache rows whose mean token norm sets the default noise sigma
 EVAL_ROWS = 64  # training rows whose PSNR the trainer's evaluation reports
 EVAL_BATCH = 16
