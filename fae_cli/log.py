@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import logging
+import math
+import time
+from typing import Any
 
+import rich.markup
+import rich.progress
 from rich.console import Console
 from rich.logging import RichHandler
 
@@ -22,3 +27,45 @@ def setup_logging(debug: bool = False) -> None:
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
     logging.getLogger("fae_cli").setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+class Progress(rich.progress.Progress):
+    """A rich progress bar that, when output is not a terminal, logs a line instead.
+
+    A log file or batch job gets no live bar, so without these lines a long stage (Inception
+    on thousands of images, an extraction of hours) would print nothing until it ends. Lines
+    come at most every `LINE_INTERVAL_S` seconds per task, and once when a task completes.
+    """
+
+    LINE_INTERVAL_S = 30.0
+
+    def __init__(self, *columns: Any, **kwargs: Any) -> None:
+        super().__init__(*columns, **kwargs)
+        self._lines = not self.disable and not self.console.is_terminal
+        self._last_line: dict[int, float] = {}
+
+    def advance(self, task_id: rich.progress.TaskID, advance: float = 1) -> None:
+        super().advance(task_id, advance)
+        self._log_line(task_id)
+
+    def update(self, task_id: rich.progress.TaskID, **kwargs: Any) -> None:
+        super().update(task_id, **kwargs)
+        if "completed" in kwargs or "advance" in kwargs:
+            self._log_line(task_id)
+
+    def _log_line(self, task_id: rich.progress.TaskID) -> None:
+        if not self._lines:
+            return
+        task = self._tasks[task_id]
+        now = time.monotonic()
+        done = task.total is not None and task.completed >= task.total
+        last = self._last_line.setdefault(task_id, now)  # the first update starts the interval
+        if last == math.inf:
+            return  # the completion line is already written
+        if not done and now - last < self.LINE_INTERVAL_S:
+            return
+        self._last_line[task_id] = math.inf if done else now
+        total = f"/{task.total:.0f}" if task.total is not None else ""
+        logging.getLogger("fae_cli.progress").info(
+            "%s: %.0f%s (%.0f s)", rich.markup.render(str(task.description)).plain, task.completed, total, task.elapsed or 0.0
+        )

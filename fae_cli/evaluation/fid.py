@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from fae_cli import __version__
@@ -28,7 +28,7 @@ from fae_cli.errors import FaeError
 from fae_cli.evaluation.fid_inputs import ImageBatches, MetricInput, open_input, statistics_label
 from fae_cli.evaluation.frechet import GaussianStats, frechet_distance
 from fae_cli.evaluation.inception import InceptionFeatures, resolve_weights
-from fae_cli.log import console
+from fae_cli.log import Progress, console
 from fae_cli.training.distributed import pick_device
 
 log = logging.getLogger(__name__)

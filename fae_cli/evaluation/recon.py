@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from fae_cli.artifacts import atomic_write_bytes, atomic_write_text, check_compatible
@@ -37,7 +37,7 @@ from fae_cli.encoders import build_encoder
 from fae_cli.errors import FaeError
 from fae_cli.evaluation.fid import evaluate_inputs
 from fae_cli.evaluation.fid_inputs import MetricInput, TensorImages
-from fae_cli.log import console
+from fae_cli.log import Progress, console
 from fae_cli.recipe import Recipe
 from fae_cli.stages.plan import RunPaths
 from fae_cli.training.distributed import pick_device

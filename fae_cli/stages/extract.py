@@ -20,7 +20,6 @@ import torch
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
-    Progress,
     ProgressColumn,
     Task,
     TextColumn,
@@ -35,12 +34,15 @@ from fae_cli.data.cache import CacheWriter, assign_shards, shard_length
 from fae_cli.data.datasets import ImageDataset, open_images
 from fae_cli.encoders import FrozenEncoder, build_encoder
 from fae_cli.errors import FaeError
-from fae_cli.log import console
+from fae_cli.log import Progress, console
 from fae_cli.recipe import ExtractConfig, Recipe, to_toml
 from fae_cli.stages.plan import Plan, RunPaths, stage_hash
 from fae_cli.training.distributed import DistEnv, barrier, distributed_session
 
 log = logging.getLogger(__name__)
+
+# Plan inputs whose text contains this are fetched from the network unless already cached.
+DOWNLOADS = "downloads on first use"
 
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -61,11 +63,10 @@ def encoder_inputs(recipe: Recipe) -> dict[str, str]:
 
     if recipe.encoder.weights is not None:
         return {"encoder weights": str(recipe.encoder.weights)}
-    try:
-        source = encoder_spec(recipe.encoder.name).source
-    except FaeError:
-        source = "not in the registry"
-    return {"encoder": f"{recipe.encoder.name} ({source})"}
+    spec = encoder_spec(recipe.encoder.name)
+    if spec.offline_package is None:
+        return {"encoder": f"{recipe.encoder.name} ({DOWNLOADS}: {spec.source})"}
+    return {"encoder": f"{recipe.encoder.name} ({spec.source})"}
 
 
 def run(recipe: Recipe, out: Path | None = None, split: str = "train") -> Path:

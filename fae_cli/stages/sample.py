@@ -26,7 +26,6 @@ from PIL import Image
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
-    Progress,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -34,7 +33,7 @@ from rich.progress import (
 
 from fae_cli.artifacts import atomic_write_bytes, atomic_write_text, describe_changes
 from fae_cli.errors import FaeError
-from fae_cli.log import console
+from fae_cli.log import Progress, console
 from fae_cli.recipe import Recipe
 from fae_cli.stages.generation import (
     Generator,
@@ -241,10 +240,10 @@ def check_settings(out: Path, settings: dict[str, Any]) -> None:
     stable_before = {key: value for key, value in before.items() if key not in OPERATIONAL_KEYS}
     stable_now = {key: value for key, value in settings.items() if key not in OPERATIONAL_KEYS}
     # "path" entries are left out: a moved input is the same input.
-    shown = describe_changes(stable_before, stable_now, limit=2, ignore=("path",))
-    if shown:
+    changes = describe_changes(stable_before, stable_now, limit=2, ignore=("path",))
+    if changes:
         raise FaeError(
-            f"{out} contains samples made with other settings ({shown}); choose another output folder (--out) or delete it"
+            f"{out} contains samples made with other settings ({changes}); choose another output folder (--out) or delete it"
         )
 
 
@@ -327,7 +326,7 @@ def finish(out: Path, settings: dict[str, Any], num_classes: int) -> None:
             extra[0],
         )
     atomic_write_text(out / SETTINGS, json.dumps({**settings, "complete": True}, indent=2) + "\n")
-    log.info("wrote %d samples to %s: %s, %s, %s", count, folder, NPZ, GRID, SETTINGS)
+    log.info("wrote %d sample PNGs to %s, and %s, %s and %s to %s", count, folder, NPZ, GRID, SETTINGS, out)
 
 
 def read_png(path: Path) -> np.ndarray:
