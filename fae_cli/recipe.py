@@ -245,8 +245,14 @@ class Recipe(Section):
 # Loading, overrides and errors
 
 
-def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Load a recipe from TOML (or defaults), apply `section.key=value` overrides and validate."""
+def load_recipe(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), labels: dict[str, str] | None = None
+) -> Recipe:
+    """Load a recipe from TOML (or defaults), apply `section.key=value` overrides and validate.
+
+    An invalid value is reported against its source: the file, "defaults", `--set KEY`, or the
+    command option that `labels` names for that key.
+    """
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -273,7 +279,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
         loc = ".".join(str(part) for part in error.errors()[0]["loc"])
         for key in reversed(overridden):
             if loc == key or loc.startswith(key + "."):
-                source = f"--set {key}"
+                source = (labels or {}).get(key, f"--set {key}")
                 break
         raise FaeError(f"{source}: {_describe_validation_error(error)}") from None
 
@@ -339,6 +345,16 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
+def _example_list(loc: tuple[Any, ...]) -> str:
+    """Return the default of the list field at `loc` as TOML, or a placeholder when it is empty."""
+    parent = _model_at(loc[:-1])
+    field = parent.model_fields.get(str(loc[-1])) if parent is not None else None
+    default = field.get_default(call_default_factory=True) if field is not None else None
+    if isinstance(default, list) and default and all(isinstance(item, (str, int, float)) for item in default):
+        return "[" + ", ".join(json.dumps(item) for item in default) + "]"
+    return '["a", "b"]'
+
+
 def _describe_validation_error(error: ValidationError) -> str:
     errors = error.errors()
     first = errors[0]
@@ -353,6 +369,8 @@ def _describe_validation_error(error: ValidationError) -> str:
         return _unknown_key_message(prefix, str(loc[-1]), valid) + more
     value = first.get("input")
     expected = first["msg"][0].lower() + first["msg"][1:]
+    if first["type"] == "list_type":
+        expected += f"; write a list in TOML syntax, e.g. --set '{path}={_example_list(loc)}'"
     return f"invalid value {value!r} for '{path}': {expected}{more}"
 
 

@@ -112,3 +112,10 @@ def test_cli_dry_run_lists_stages_and_models():
     assert "674.96M parameters" in output
     for stage in ("extract", "train-adapter", "train-decoders (noise)", "train-decoders (finetune)", "train-generator", "sample"):
         assert stage in output
+
+
+def test_invalid_model_stops_before_first_stage(tmp_path):
+    recipe = load_recipe(None, [*TOY, f"run.out_dir={json.dumps(str(tmp_path))}", "generator.model='SiT-XXL/2'"])
+    with pytest.raises(FaeError, match="unknown diffusion model 'SiT-XXL/2'"):
+        pipeline.run(recipe)
+    assert list(tmp_path.iterdir()) == []

@@ -62,7 +62,7 @@ def test_decoder_token_fills_its_own_patch():
 
 
 def test_decoder_rejects_uneven_patches():
-    with pytest.raises(FaeError, match="multiple of the grid"):
+    with pytest.raises(FaeError, match=r"invalid data.image_size 250x250: .* must be a multiple of 16, e.g. 256$"):
         tiny_decoder(12, 16, 250)
 
 

@@ -177,6 +177,37 @@ def test_cli_dry_run_embedded_data_found(tmp_path):
     assert "missing" not in output
 
 
+def test_cli_option_error_names_the_option():
+    result = run_cli("sample", "-n", "0", "--dry-run")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --num-samples: invalid value 0 for 'sample.num_samples': input should be greater than or equal to 1"
+
+
+def test_set_list_error_shows_list_syntax():
+    with pytest.raises(FaeError) as error:
+        load_recipe(None, ["evaluate.metrics=fid"])
+    assert str(error.value).endswith("""input should be a valid list; write a list in TOML syntax, e.g. --set 'evaluate.metrics=["fid"]'""")
+
+
+def test_cli_dry_run_rejects_unknown_generator(tmp_path):
+    result = run_cli("run", str(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.toml"),
+                     "--set", "generator.model='LightningDiT-XXL/1'", "--set", f"run.out_dir='{tmp_path}'", "--dry-run")
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1
+    assert lines[0].startswith("error: unknown diffusion model 'LightningDiT-XXL/1'")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_dry_run_flags_hub_downloads(tmp_path):
+    result = run_cli("extract", "--encoder", "dinov2-b", "--set", f"run.out_dir='{tmp_path}'", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    output = " ".join((result.stdout + result.stderr).split())
+    assert "in encoder: dinov2-b (downloads on first use: Hugging Face hub via timm" in output
+    assert "[download]" in output
+    assert "note: 1 input(s) download on first use, so the run needs network access or a filled cache: dinov2-b" in output
+
+
 def test_cli_debug_shows_traceback(tmp_path):
     result = run_cli("--debug", "train-adapter", "--set", "adapter.train.steps=abc", "--dry-run")
     assert result.returncode != 0

@@ -38,8 +38,8 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Verbose logs and full tracebacks.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, metavar="", help="Print the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", metavar="", help="Verbose logs and full tracebacks.")] = False,
 ) -> None:
     setup_logging(debug)
 
@@ -63,7 +63,7 @@ def extract_command(
     """Cache frozen encoder features (or FAE latents with --latents) of an image dataset."""
     from fae_cli.stages import extract
 
-    resolved = resolve(recipe, sets, **{"encoder.name": encoder, "data.source": data, "encoder.weights": weights})
+    resolved = resolve(recipe, sets, {"encoder.name": ("--encoder", encoder), "data.source": ("--data", data), "encoder.weights": ("--weights", weights)})
     if dry_run:
         print_dry_run(resolved, [extract.plan(resolved, out=out, latents_from=latents, split=split)])
         return
@@ -125,7 +125,7 @@ def train_generator_command(
     """Train a latent generator (diffusion transformer or normalizing flow)."""
     from fae_cli.stages import generator
 
-    resolved = resolve(recipe, sets, **{"generator.family": family})
+    resolved = resolve(recipe, sets, {"generator.family": ("--family", family)})
     if dry_run:
         print_dry_run(resolved, [generator.plan(resolved, latents=latents, out=out)])
         return
@@ -147,7 +147,7 @@ def sample_command(
     """Generate images: generator -> latent -> feature decoder -> pixel decoder."""
     from fae_cli.stages import sample
 
-    resolved = resolve(recipe, sets, **{"sample.num_samples": num, "sample.cfg_scale": cfg})
+    resolved = resolve(recipe, sets, {"sample.num_samples": ("--num-samples", num), "sample.cfg_scale": ("--cfg", cfg)})
     if dry_run:
         print_dry_run(resolved, [sample.plan(resolved, generator=generator, out=out)])
         return

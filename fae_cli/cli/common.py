@@ -23,21 +23,24 @@ SetOption = Annotated[
 ]
 DryRunOption = Annotated[
     bool,
-    typer.Option("--dry-run", help="Print the resolved recipe and the planned inputs and outputs; run nothing."),
+    typer.Option("--dry-run", metavar="", help="Print the resolved recipe and the planned inputs and outputs; run nothing."),
 ]
 
 
-def resolve(recipe_path: Path | None, sets: list[str] | None, **shortcuts: object) -> Recipe:
+def resolve(recipe_path: Path | None, sets: list[str] | None, shortcuts: dict[str, tuple[str, object]] | None = None) -> Recipe:
     """Load the recipe and apply `--set` overrides, then the command's own shortcut options.
 
-    Shortcut options (e.g. `--encoder`) are applied as `--set` overrides after the user's, so
-    `extract --encoder dinov2-b` equals `extract --set encoder.name=dinov2-b`.
+    `shortcuts` maps a recipe key to (the option's name, its value or None when not given).
+    They are applied after the user's `--set` overrides, so `extract --encoder dinov2-b` equals
+    `extract --set encoder.name=dinov2-b`, and an invalid value is reported against the option.
     """
     overrides = list(sets or [])
-    for key, value in shortcuts.items():
+    labels: dict[str, str] = {}
+    for key, (option, value) in (shortcuts or {}).items():
         if value is not None:
             overrides.append(f"{key}={_as_toml(value)}")
-    return load_recipe(recipe_path, overrides)
+            labels[key] = option
+    return load_recipe(recipe_path, overrides, labels=labels)
 
 
 def _as_toml(value: object) -> str:
@@ -45,6 +48,8 @@ def _as_toml(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_as_toml(item) for item in value) + "]"
     text = str(value).replace("\\", "\\\\").replace('"', '\\"')
     return f'"{text}"'
 
@@ -53,14 +58,16 @@ def print_dry_run(recipe: Recipe, plans: list[Plan]) -> None:
     """Print the resolved recipe and each stage's inputs and outputs, flagging missing inputs.
 
     An input is "made by <stage>" when an earlier stage of the plan writes it, "found" when it
-    exists, and "MISSING" when it is a path that neither exists nor is made by the plan. Inputs
-    that are names (an encoder from the model hub) carry no flag.
+    exists, and "MISSING" when it is a path that neither exists nor is made by the plan. It is
+    "download" when it comes from the network on first use (a hub encoder). Other names carry
+    no flag.
     """
     console.print(f"[bold]resolved recipe[/bold] (hash {recipe_hash(recipe)})")
     console.print(Syntax(to_toml(recipe), "toml", theme="ansi_dark", background_color="default"))
     console.print("[bold]plan[/bold] (dry run: nothing was run)")
     produced: dict[str, str] = {}
     missing: list[str] = []
+    downloads: list[str] = []
     for plan in plans:
         if not plan.inputs and not plan.outputs:
             continue
@@ -69,6 +76,8 @@ def print_dry_run(recipe: Recipe, plans: list[Plan]) -> None:
             status = input_status(value, produced)
             if status == "MISSING" and value.split(" (")[0] not in missing:
                 missing.append(value.split(" (")[0])
+            if status == "download" and value.split(" (")[0] not in downloads:
+                downloads.append(value.split(" (")[0])
             flag = f"  \\[{status}]" if status else ""
             console.print(f"  in   {role + ':':<20} {escape(value)}{flag}", highlight=False, soft_wrap=True)
         for role, value in plan.outputs.items():
@@ -77,6 +86,13 @@ def print_dry_run(recipe: Recipe, plans: list[Plan]) -> None:
     for plan in plans:
         for note in plan.notes:
             console.print(f"{plan.stage}: {note}", highlight=False, soft_wrap=True)
+    if downloads:
+        console.print(
+            f"[yellow]note:[/yellow] {len(downloads)} input(s) download on first use, so the run needs network access "
+            f"or a filled cache: {', '.join(downloads)}",
+            highlight=False,
+            soft_wrap=True,
+        )
     if missing:
         console.print(
             f"[yellow]warning:[/yellow] {len(missing)} input path(s) missing, the run would stop at the first: {', '.join(missing)}",
@@ -86,9 +102,12 @@ def print_dry_run(recipe: Recipe, plans: list[Plan]) -> None:
 
 
 def input_status(value: str, produced: dict[str, str]) -> str:
-    """Return the dry-run flag of one plan input: made by a stage, found, MISSING, or "" for a name."""
+    """Return the dry-run flag of one plan input: made by a stage, found, MISSING, download, or "" for a name."""
     from fae_cli.data.datasets import EMBEDDED, EMBEDDED_FILE
+    from fae_cli.stages.extract import DOWNLOADS
 
+    if DOWNLOADS in value:
+        return "download"
     path = value.split(" (")[0]
     for output, stage in produced.items():
         if path == output or path.startswith(output.rstrip("/") + "/"):

@@ -16,7 +16,7 @@ EvalOutOption = Annotated[
     Path | None,
     typer.Option("--out", "-o", help="Folder of metrics.json; default: <run.out_dir>/<run.name>/eval/ followed by fid, recon or probe.", show_default=False),
 ]
-OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace the metrics.json an earlier evaluation wrote in the output folder.")]
+OverwriteOption = Annotated[bool, typer.Option("--overwrite", metavar="", help="Replace the metrics.json an earlier evaluation wrote in the output folder.")]
 
 
 def _check_target(target: Path, overwrite: bool) -> None:
@@ -40,10 +40,8 @@ def fid_command(
     """FID (and KID, precision/recall, sFID, IS) of samples against a reference."""
     from fae_cli.evaluation import fid
 
-    overrides = {}
-    if metrics is not None:
-        overrides["evaluate.metrics"] = "[" + ", ".join(f'"{m.strip()}"' for m in metrics.split(",") if m.strip()) + "]"
-    resolved = resolve(recipe, [*(sets or []), *(f"{k}={v}" for k, v in overrides.items())])
+    names = [name.strip() for name in metrics.split(",") if name.strip()] if metrics is not None else None
+    resolved = resolve(recipe, sets, {"evaluate.metrics": ("--metrics", names)})
     target = out or RunPaths.of(resolved).evaluation / "fid"
     if dry_run:
         from fae_cli.stages.pipeline import evaluate_inputs
@@ -70,7 +68,7 @@ def recon_command(
     dry_run: DryRunOption = False,
     decoder: Annotated[Path | None, typer.Option(help="Pixel decoder checkpoint or run folder.", show_default=False)] = None,
     adapter: Annotated[Path | None, typer.Option(help="Adapter checkpoint; omit to decode frozen features directly.", show_default=False)] = None,
-    fid: Annotated[bool, typer.Option("--fid/--no-fid", help="Also compute rFID (Inception on originals and reconstructions; slow on a CPU).")] = True,
+    fid: Annotated[bool, typer.Option("--fid/--no-fid", metavar="", help="Also compute rFID (Inception on originals and reconstructions; slow on a CPU).")] = True,
     out: EvalOutOption = None,
     overwrite: OverwriteOption = False,
 ) -> None:

@@ -162,9 +162,10 @@ def _patch_size(grid: tuple[int, int], image_size: tuple[int, int]) -> int:
     """Return p such that each token decodes a p x p patch; both axes must agree."""
     (rows, cols), (height, width) = grid, image_size
     if height % rows != 0 or width % cols != 0 or height // rows != width // cols:
+        nearest = max(1, round(height / rows)) * rows
         raise FaeError(
-            f"image size {height}x{width} is not a whole number of equal square patches of the "
-            f"{rows}x{cols} feature grid: pick an image size that is a multiple of the grid"
+            f"invalid data.image_size {height}x{width}: each of the {rows}x{cols} feature tokens decodes one square "
+            f"patch, so the size must be a multiple of {rows}, e.g. {nearest}"
         )
     return height // rows
 

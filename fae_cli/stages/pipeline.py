@@ -66,13 +66,17 @@ def evaluate_inputs(recipe: Recipe, samples: Path, reference: str | None = None)
     inputs = {"samples": str(samples), "reference": reference}
     if recipe.evaluate.inception_weights is not None:
         inputs["Inception weights"] = str(recipe.evaluate.inception_weights)
+    elif "isc" in recipe.evaluate.metrics:
+        inputs["Inception weights"] = f"torch-fidelity's Inception with logits (isc needs them; {extract.DOWNLOADS})"
     return inputs
 
 
 def model_summary(recipe: Recipe) -> list[str]:
     """Describe the models the recipe builds, with parameter counts from meta-device copies.
 
-    The feature width and grid come from the encoder registry, so nothing is downloaded.
+    The feature width and grid come from the encoder registry, so nothing is downloaded. Raises
+    a FaeError when a model cannot be built from the recipe (an unknown generator, an image size
+    the decoder cannot tile), which `run` checks before its first stage.
     """
     import torch
 
@@ -93,11 +97,8 @@ def model_summary(recipe: Recipe) -> list[str]:
         )
         pixel = build_pixel_decoder(recipe.decoder, spec.width, grid, recipe.data.image_size)
         notes.append(f"pixel decoder {recipe.decoder.size}: {_millions(pixel)}, {recipe.data.image_size} px output")
-        try:
-            model, _ = build_generator(recipe.generator, recipe.adapter.latent_channels, grid)
-            notes.append(f"generator {recipe.generator.model} ({recipe.generator.family}): {_millions(model)}")
-        except FaeError as error:
-            notes.append(f"generator {recipe.generator.model}: not built ({error})")
+        model, _ = build_generator(recipe.generator, recipe.adapter.latent_channels, grid)
+        notes.append(f"generator {recipe.generator.model} ({recipe.generator.family}): {_millions(model)}")
     return notes
 
 
@@ -124,6 +125,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
 
 
 def _run(recipe: Recipe, env: DistEnv) -> dict[str, Any]:
+    model_summary(recipe)  # an invalid model setting stops here, not after hours of earlier stages
     paths = RunPaths.of(recipe)
     steps = [
         Step("extract", "features", paths.features, lambda: extract.run(recipe)),
