@@ -185,7 +185,7 @@ def extract_features(network: InceptionFeatures, images: ImageBatches, batch_siz
     collected: dict[str, list[np.ndarray]] = {}
     columns = (TextColumn(f"Inception on {label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task(label, total=images.count)
+        task = progress.add_task(f"Inception on {label}", total=images.count)
         for batch in images.batches(batch_size):
             for name, value in network(batch).items():
                 collected.setdefault(name, []).append(value.float().cpu().numpy())
