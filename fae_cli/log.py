@@ -40,9 +40,19 @@ class Progress(rich.progress.Progress):
     LINE_INTERVAL_S = 30.0
 
     def __init__(self, *columns: Any, **kwargs: Any) -> None:
+        target_console = kwargs.get("console") or console
+        # Off a terminal the live bar is switched off (it would only leave blank lines) and the
+        # log lines below replace it.
+        self._lines = not kwargs.get("disable", False) and not target_console.is_terminal
+        if self._lines:
+            kwargs["disable"] = True
         super().__init__(*columns, **kwargs)
-        self._lines = not self.disable and not self.console.is_terminal
         self._last_line: dict[int, float] = {}
+
+    def add_task(self, description: str, *args: Any, **kwargs: Any) -> rich.progress.TaskID:
+        task_id = super().add_task(description, *args, **kwargs)
+        self._last_line[task_id] = time.monotonic()  # the first line comes one interval after this
+        return task_id
 
     def advance(self, task_id: rich.progress.TaskID, advance: float = 1) -> None:
         super().advance(task_id, advance)
@@ -59,7 +69,7 @@ class Progress(rich.progress.Progress):
         task = self._tasks[task_id]
         now = time.monotonic()
         done = task.total is not None and task.completed >= task.total
-        last = self._last_line.setdefault(task_id, now)  # the first update starts the interval
+        last = self._last_line.setdefault(task_id, now)
         if last == math.inf:
             return  # the completion line is already written
         if not done and now - last < self.LINE_INTERVAL_S:

@@ -90,11 +90,12 @@ def evaluate_inputs(
     weights: Path | None = None,
     device: str = "auto",
     network: InceptionFeatures | None = None,
+    labels: tuple[str, str] = ("samples", "reference"),
 ) -> dict[str, Any]:
     """Compute the requested metrics of `samples` against `reference` and return the report.
 
     Pass `network` to reuse one Inception across calls (periodic evaluation during training);
-    `weights` and `device` then come from it.
+    `weights` and `device` then come from it. `labels` name the two sides in progress output.
     """
     requested = _check_metrics(metrics, reference)
     reference_needs_images = (
@@ -111,8 +112,8 @@ def evaluate_inputs(
     elif ("sfid" in requested and not network.spatial_requested) or ("isc" in requested and not network.logits_requested):
         raise ValueError("the given InceptionFeatures was built without the spatial features or logits these metrics need")
 
-    sample_features = extract_features(network, samples.images, batch_size, "samples")
-    reference_features = extract_features(network, reference.images, batch_size, "reference") if reference_needs_images else {}
+    sample_features = extract_features(network, samples.images, batch_size, labels[0])
+    reference_features = extract_features(network, reference.images, batch_size, labels[1]) if reference_needs_images else {}
 
     values: dict[str, float] = {}
     unavailable: dict[str, str] = {}

@@ -234,6 +234,7 @@ def run_recon(
             batch_size=recipe.evaluate.batch_size,
             weights=recipe.evaluate.inception_weights,
             device=recipe.run.device,
+            labels=("reconstructions", "originals"),
         )
         metrics["rfid"] = float(fid_report["metrics"]["fid"])
 
