@@ -15,6 +15,7 @@ import torch
 from generator_pipeline import CLASSES, IMAGE_SIZE, build_inputs, tiny_recipe
 from PIL import Image
 
+from fae_cli.artifacts import write_manifest
 from fae_cli.errors import FaeError
 from fae_cli.recipe import to_toml
 from fae_cli.stages import generator, sample
@@ -210,6 +211,31 @@ def test_rerun_with_other_seed_rejected(trained, tmp_path):
     with pytest.raises(FaeError) as error:
         sample.run(with_sample(recipe, num_samples=2, seed=1), out=out)
     assert "seed: 0 there, 1 now" in str(error.value)
+
+
+def test_fewer_samples_than_finished_rejected(trained, tmp_path):
+    _, recipe, _ = trained
+    out = sample.run(with_sample(recipe, num_samples=4), out=tmp_path / "out")
+    npz_before = (out / "samples.npz").read_bytes()
+    with pytest.raises(FaeError) as error:
+        sample.run(with_sample(recipe, num_samples=2), out=out)
+    assert str(error.value) == (
+        f"{out} contains 4 finished samples, and sampling 2 would replace its samples.npz and grid.png with fewer; "
+        "choose another output folder (--out), or sample 4 or more"
+    )
+    assert (out / "samples.npz").read_bytes() == npz_before
+    sample.run(with_sample(recipe, num_samples=6), out=out)  # growing a finished folder is allowed
+    with np.load(out / "samples.npz") as grown:
+        assert len(grown["arr_0"]) == 6
+
+
+def test_run_folder_keeps_manifest_count(trained, tmp_path):
+    _, recipe, _ = trained
+    out = sample.run(with_sample(recipe, num_samples=2), out=tmp_path / "out")
+    write_manifest(out, "samples", recipe_hash="0" * 16, count=2)
+    with pytest.raises(FaeError, match=r"contains the 2 samples of a `fae run` \(see its manifest.json\); write 3 samples to another folder with --out$"):
+        sample.run(with_sample(recipe, num_samples=3), out=out)
+    sample.run(with_sample(recipe, num_samples=2), out=out)  # the recorded count resumes as before
 
 
 def test_flow_rejects_time_schedule(trained, tmp_path):

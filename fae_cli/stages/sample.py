@@ -31,7 +31,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from fae_cli.artifacts import atomic_write_bytes, atomic_write_text, describe_changes
+from fae_cli.artifacts import MANIFEST, atomic_write_bytes, atomic_write_text, describe_changes
 from fae_cli.errors import FaeError
 from fae_cli.log import Progress, console
 from fae_cli.recipe import Recipe
@@ -245,6 +245,30 @@ def check_settings(out: Path, settings: dict[str, Any]) -> None:
         raise FaeError(
             f"{out} contains samples made with other settings ({changes}); choose another output folder (--out) or delete it"
         )
+    check_count(out, before, settings["num_samples"])
+
+
+def check_count(out: Path, before: dict[str, Any], count: int) -> None:
+    """Raise a FaeError when sampling `count` images into `out` would shrink finished work.
+
+    A finished folder of N samples may grow (the rerun adds indices N..), but writing fewer
+    would replace its samples.npz and grid.png with a subset. A folder that `fae run` marked
+    with a manifest keeps the count that manifest records, so its FID stays true.
+    """
+    finished = int(before.get("num_samples", 0)) if before.get("complete") else 0
+    if count < finished:
+        raise FaeError(
+            f"{out} contains {finished} finished samples, and sampling {count} would replace its samples.npz and "
+            f"grid.png with fewer; choose another output folder (--out), or sample {finished} or more"
+        )
+    manifest = out / MANIFEST
+    if manifest.is_file():
+        recorded = json.loads(manifest.read_text(encoding="utf-8")).get("count")
+        if recorded is not None and count != recorded:
+            raise FaeError(
+                f"{out} contains the {recorded} samples of a `fae run` (see its manifest.json); "
+                f"write {count} samples to another folder with --out"
+            )
 
 
 def missing_indices(out: Path, count: int) -> list[int]:
