@@ -119,3 +119,16 @@ def test_invalid_model_stops_before_first_stage(tmp_path):
     with pytest.raises(FaeError, match="unknown diffusion model 'SiT-XXL/2'"):
         pipeline.run(recipe)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_plan_notes_skips_and_first_conflict(first_run):
+    recipe, folder, _ = first_run
+    plans = pipeline.plan(recipe)
+    assert plans[0].notes == [f"up to date in {folder / 'features'}: skipped"]
+    assert all(not plan.warnings for plan in plans)
+    changed = recipe.model_copy(deep=True)
+    changed.adapter.kl_weight = 0.5
+    warned = [(plan.stage, plan.warnings) for plan in pipeline.plan(changed) if plan.warnings]
+    assert len(warned) == 1
+    assert warned[0][0] == "train-adapter"
+    assert warned[0][1][0].startswith(f"the run would stop here: {folder / 'adapter'} was produced by other settings")

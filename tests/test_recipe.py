@@ -208,6 +208,26 @@ def test_cli_dry_run_flags_hub_downloads(tmp_path):
     assert "note: 1 input(s) download on first use, so the run needs network access or a filled cache: dinov2-b" in output
 
 
+def test_cli_stage_dry_run_builds_models(tmp_path):
+    result = run_cli("train-generator", "--set", "generator.model='LightningDiT-XXL/1'", "--set", f"run.out_dir='{tmp_path}'", "--dry-run")
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: unknown diffusion model 'LightningDiT-XXL/1'")
+
+
+def test_cli_encoder_input_size_names_the_key():
+    result = run_cli("run", str(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.toml"),
+                     "--set", "encoder.name='dinov2-s'", "--dry-run")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: encoder.input_size = 128 is not a multiple of dinov2-s's patch size 14; use 126 or 140"
+
+
+def test_cli_error_keeps_bracketed_section():
+    # Rich markup must not swallow "[adapter]" in an error message.
+    result = run_cli("train-adapter", "--set", "adapter.foo=1", "--dry-run")
+    assert result.returncode == 2
+    assert "valid keys in [adapter]: kind, layers" in result.stderr
+
+
 def test_cli_debug_shows_traceback(tmp_path):
     result = run_cli("--debug", "train-adapter", "--set", "adapter.train.steps=abc", "--dry-run")
     assert result.returncode != 0

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from fae_cli import __version__
 from fae_cli.cli.common import DryRunOption, RecipeOption, SetOption, print_dry_run, resolve
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     except FaeError as error:
         if debug:
             raise
-        console.print(f"[bold red]error:[/bold red] {error}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/bold red] {escape(str(error))}", highlight=False, soft_wrap=True)
         sys.exit(error.exit_code)
 
 

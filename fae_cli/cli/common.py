@@ -62,6 +62,10 @@ def print_dry_run(recipe: Recipe, plans: list[Plan]) -> None:
     "download" when it comes from the network on first use (a hub encoder). Other names carry
     no flag.
     """
+    from fae_cli.stages.pipeline import model_summary
+
+    # Building every model on the meta device first turns an invalid model setting into an error.
+    models = model_summary(recipe)
     console.print(f"[bold]resolved recipe[/bold] (hash {recipe_hash(recipe)})")
     console.print(Syntax(to_toml(recipe), "toml", theme="ansi_dark", background_color="default"))
     console.print("[bold]plan[/bold] (dry run: nothing was run)")
@@ -83,9 +87,14 @@ def print_dry_run(recipe: Recipe, plans: list[Plan]) -> None:
         for role, value in plan.outputs.items():
             produced.setdefault(value, plan.stage)
             console.print(f"  out  {role + ':':<20} {escape(value)}", highlight=False, soft_wrap=True)
+    for note in models:
+        console.print(f"models: {note}", highlight=False, soft_wrap=True)
     for plan in plans:
         for note in plan.notes:
             console.print(f"{plan.stage}: {note}", highlight=False, soft_wrap=True)
+    for plan in plans:
+        for warning in plan.warnings:
+            console.print(f"[yellow]warning:[/yellow] {plan.stage}: {escape(warning)}", highlight=False, soft_wrap=True)
     if downloads:
         console.print(
             f"[yellow]note:[/yellow] {len(downloads)} input(s) download on first use, so the run needs network access "

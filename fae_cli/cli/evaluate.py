@@ -103,7 +103,12 @@ def probe_command(
     paths = RunPaths.of(resolved)
     target = out or paths.evaluation / "probe"
     if dry_run:
-        print_dry_run(resolved, [Plan("evaluate probe", inputs={"features": str(features or paths.features), "adapter": str(adapter or paths.adapter)}, outputs={"metrics": str(target)})])
+        inputs = {
+            "features": str(features or paths.features),
+            "held-out features": f"{paths.holdout_features} (extracted first when missing)",
+            "adapter": str(adapter or paths.adapter),
+        }
+        print_dry_run(resolved, [Plan("evaluate probe", inputs=inputs, outputs={"metrics": str(target / "metrics.json")})])
         return
     _check_target(target, overwrite)
     probe.run_probe(resolved, features=features, adapter=adapter, out=target)

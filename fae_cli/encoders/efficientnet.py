@@ -100,12 +100,7 @@ def build_efficientnet(spec: EncoderSpec, *, weights: Path | None, input_size: i
     Layers after that stage and the classifier are removed. Returns (backbone, weights source,
     pretrained config).
     """
-    if input_size % spec.stride:
-        lower = input_size // spec.stride * spec.stride
-        raise FaeError(
-            f"encoder.input_size = {input_size} is not a multiple of {spec.name}'s output stride {spec.stride}; "
-            f"use {lower or spec.stride} or {lower + spec.stride}"
-        )
+    spec.grid_at(input_size)  # raises unless the stride divides the input size
     model = efficientnet_lite0_classifier(weights, pretrained)
     reductions = [info["reduction"] for info in model.feature_info]
     stage = reductions.index(spec.stride)

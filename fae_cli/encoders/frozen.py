@@ -35,7 +35,7 @@ class FrozenEncoder(nn.Module):
         self.name = spec.name
         self.width = spec.width
         self.input_size = input_size
-        self.grid = (input_size // spec.stride, input_size // spec.stride)
+        self.grid = spec.grid_at(input_size)
         self.mean = tuple(float(value) for value in mean)
         self.std = tuple(float(value) for value in std)
         self.interpolation = interpolation

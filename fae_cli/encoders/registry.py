@@ -34,6 +34,18 @@ class EncoderSpec:
         side = self.input_size // self.stride
         return side, side
 
+    def grid_at(self, input_size: int) -> tuple[int, int]:
+        """Return the token grid at `input_size`; raise a FaeError unless the stride divides it."""
+        if input_size % self.stride:
+            lower = input_size // self.stride * self.stride
+            unit = "patch size" if self.family == "vit" else "output stride"
+            raise FaeError(
+                f"encoder.input_size = {input_size} is not a multiple of {self.name}'s {unit} {self.stride}; "
+                f"use {lower or self.stride} or {lower + self.stride}"
+            )
+        side = input_size // self.stride
+        return side, side
+
     @property
     def architecture(self) -> str:
         return self.timm_name.split(".")[0]

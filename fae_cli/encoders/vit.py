@@ -37,12 +37,7 @@ def build_vit(spec: EncoderSpec, *, weights: Path | None, input_size: int, pretr
     """
     import timm
 
-    if input_size % spec.stride:
-        lower = input_size // spec.stride * spec.stride
-        raise FaeError(
-            f"encoder.input_size = {input_size} is not a multiple of {spec.name}'s patch size {spec.stride}; "
-            f"use {lower} or {lower + spec.stride}"
-        )
+    spec.grid_at(input_size)  # raises unless the stride divides the input size
     options = {"num_classes": 0, "img_size": input_size}
 
     if weights is not None:

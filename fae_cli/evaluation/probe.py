@@ -163,6 +163,7 @@ def run_probe(recipe: Recipe, *, features: Path | None = None, adapter: Path | N
     atomic_write_text(target / "metrics.json", json.dumps(report, indent=2) + "\n")
     for name, value in accuracies.items():
         log.info("linear probe on %s: %.2f%% top-1", name, 100 * value)
+    log.info("wrote %s", target / "metrics.json")
     return report
 
 

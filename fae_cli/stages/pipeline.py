@@ -44,7 +44,11 @@ class Step:
 
 
 def plan(recipe: Recipe) -> list[Plan]:
-    """Return the plans of every stage `run` would execute, in order."""
+    """Return the plans of every stage `run` would execute, in order, with each stage's state.
+
+    A stage whose output is up to date is noted as skipped, an unfinished one as resumed, and
+    one made from other settings gets a warning: the real run would stop there.
+    """
     paths = RunPaths.of(recipe)
     plans = [extract.plan(recipe), adapter.plan(recipe), decoders.plan(recipe, phase="noise")]
     if recipe.decoder.finetune:
@@ -55,7 +59,16 @@ def plan(recipe: Recipe) -> list[Plan]:
         sample.plan(recipe),
         Plan("evaluate", inputs=evaluate_inputs(recipe, paths.samples / "samples.npz"), outputs={"metrics": str(paths.evaluation / "metrics.json")}),
     ]
-    return [Plan("models", notes=model_summary(recipe)), *plans]
+    for stage_plan, step in zip(plans, _steps(recipe, env=None), strict=True):
+        try:
+            if is_up_to_date(recipe, step):
+                stage_plan.notes.append(f"up to date in {step.folder}: skipped")
+            elif step.folder.exists():
+                stage_plan.notes.append(f"unfinished in {step.folder}: resumed")
+        except FaeError as error:
+            stage_plan.warnings.append(f"the run would stop here: {error}")
+            break  # the stages after it would not be reached
+    return plans
 
 
 def evaluate_inputs(recipe: Recipe, samples: Path, reference: str | None = None) -> dict[str, str]:
@@ -87,7 +100,7 @@ def model_summary(recipe: Recipe) -> list[str]:
 
     spec = encoder_spec(recipe.encoder.name)
     input_size = recipe.encoder.input_size or spec.input_size
-    grid = _grid_at(spec, input_size)
+    grid = spec.grid_at(input_size)
     notes = [f"encoder {recipe.encoder.name}: {grid[0]}x{grid[1]} tokens of width {spec.width} at {input_size} px"]
     with torch.device("meta"):
         fae = build_fae(recipe.adapter, spec.width, grid)
@@ -100,11 +113,6 @@ def model_summary(recipe: Recipe) -> list[str]:
         model, _ = build_generator(recipe.generator, recipe.adapter.latent_channels, grid)
         notes.append(f"generator {recipe.generator.model} ({recipe.generator.family}): {_millions(model)}")
     return notes
-
-
-def _grid_at(spec: Any, input_size: int) -> tuple[int, int]:
-    side = input_size // spec.stride
-    return (side, side)
 
 
 def _millions(module: Any) -> str:
@@ -124,8 +132,8 @@ def run(recipe: Recipe) -> dict[str, Any]:
         cleanup()
 
 
-def _run(recipe: Recipe, env: DistEnv) -> dict[str, Any]:
-    model_summary(recipe)  # an invalid model setting stops here, not after hours of earlier stages
+def _steps(recipe: Recipe, env: DistEnv | None) -> list[Step]:
+    """Return the stages of `run` in order; `env` is only read when an action runs."""
     paths = RunPaths.of(recipe)
     steps = [
         Step("extract", "features", paths.features, lambda: extract.run(recipe)),
@@ -142,7 +150,12 @@ def _run(recipe: Recipe, env: DistEnv) -> dict[str, Any]:
         Step("sample", "samples", paths.samples, lambda: _sample_and_mark(recipe, env), writes_manifest=False),
         Step("evaluate", "evaluation", paths.evaluation, lambda: _evaluate(recipe, env), writes_manifest=False),
     ]
+    return steps
 
+
+def _run(recipe: Recipe, env: DistEnv) -> dict[str, Any]:
+    model_summary(recipe)  # an invalid model setting stops here, not after hours of earlier stages
+    steps = _steps(recipe, env)
     timings: list[tuple[str, str, float]] = []
     for step in steps:
         started = time.perf_counter()

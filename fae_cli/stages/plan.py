@@ -63,6 +63,7 @@ class Plan:
     inputs: dict[str, str] = field(default_factory=dict)
     outputs: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 # Recipe sections each stage's output depends on, upstream stages included: a change to any of
