@@ -15,15 +15,28 @@ from rich.logging import RichHandler
 console = Console(stderr=True)
 """The console that logs and progress bars share, so bars and log lines do not interleave."""
 
+output = Console()
+"""The console for a command's own output on stdout, such as a dry run's plan, so `> file` keeps it."""
+
 
 def setup_logging(debug: bool = False) -> None:
-    """Route fae's log records to a rich handler; DEBUG level with `--debug`."""
+    """Route fae's log records to stderr; DEBUG level with `--debug`.
+
+    A terminal gets rich's handler. A file or pipe gets one plain line per record, neither
+    wrapped nor padded to a console width, so paths stay whole for grep.
+    """
     root = logging.getLogger()
     for handler in list(root.handlers):
-        if isinstance(handler, RichHandler):
+        if getattr(handler, "fae_handler", False):
             root.removeHandler(handler)
-    handler = RichHandler(console=console, show_path=debug, rich_tracebacks=debug, markup=False)
-    handler.setFormatter(logging.Formatter("%(message)s", datefmt="[%X]"))
+    handler: logging.Handler
+    if console.is_terminal:
+        handler = RichHandler(console=console, show_path=debug, rich_tracebacks=debug, markup=False)
+        handler.setFormatter(logging.Formatter("%(message)s", datefmt="[%X]"))
+    else:
+        handler = logging.StreamHandler(console.file)
+        handler.setFormatter(logging.Formatter("[%(asctime)s] %(levelname)s %(message)s", datefmt="%H:%M:%S"))
+    handler.fae_handler = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
     logging.getLogger("fae_cli").setLevel(logging.DEBUG if debug else logging.INFO)

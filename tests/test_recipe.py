@@ -228,6 +228,31 @@ def test_cli_error_keeps_bracketed_section():
     assert "valid keys in [adapter]: kind, layers" in result.stderr
 
 
+def test_cli_dry_run_plan_on_stdout(tmp_path):
+    result = run_cli("train-adapter", "--set", f"run.out_dir='{tmp_path}'", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "plan (dry run: nothing was run)" in result.stdout
+    assert "[adapter]" in result.stdout
+
+
+def test_cli_probe_dry_run_marks_holdout_as_made(tmp_path):
+    result = run_cli("evaluate", "probe", "--set", f"run.out_dir='{tmp_path}'", "--dry-run")
+    output = " ".join(result.stdout.split())
+    assert f"in held-out features: {tmp_path / 'default' / 'features-holdout'} (made first when missing) [made by this stage]" in output
+    assert "features-holdout" not in output.split("warning:")[-1]
+
+
+def test_cli_logs_plain_lines_off_terminal(tmp_path):
+    # A deep output folder makes the path longer than 80 columns: it must stay on one line.
+    out = tmp_path / ("x" * 60) / "features"
+    result = run_cli("extract", "--set", "data.limit=4", "--set", "extract.batch_size=4", "--set", "run.device='cpu'", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "wrote 4 feature rows" in line]
+    assert len(lines) == 1
+    assert f"INFO wrote 4 feature rows to {out} (0 skipped)" in lines[0]
+    assert lines[0] == lines[0].rstrip()
+
+
 def test_cli_debug_shows_traceback(tmp_path):
     result = run_cli("--debug", "train-adapter", "--set", "adapter.train.steps=abc", "--dry-run")
     assert result.returncode != 0

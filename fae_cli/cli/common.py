@@ -9,9 +9,9 @@ import typer
 from rich.markup import escape
 from rich.syntax import Syntax
 
-from fae_cli.log import console
+from fae_cli.log import output
 from fae_cli.recipe import Recipe, load_recipe, recipe_hash, to_toml
-from fae_cli.stages.plan import Plan
+from fae_cli.stages.plan import MADE_WHEN_MISSING, Plan
 
 RecipeOption = Annotated[
     Path | None,
@@ -66,16 +66,16 @@ def print_dry_run(recipe: Recipe, plans: list[Plan]) -> None:
 
     # Building every model on the meta device first turns an invalid model setting into an error.
     models = model_summary(recipe)
-    console.print(f"[bold]resolved recipe[/bold] (hash {recipe_hash(recipe)})")
-    console.print(Syntax(to_toml(recipe), "toml", theme="ansi_dark", background_color="default"))
-    console.print("[bold]plan[/bold] (dry run: nothing was run)")
+    output.print(f"[bold]resolved recipe[/bold] (hash {recipe_hash(recipe)})")
+    output.print(Syntax(to_toml(recipe), "toml", theme="ansi_dark", background_color="default"))
+    output.print("[bold]plan[/bold] (dry run: nothing was run)")
     produced: dict[str, str] = {}
     missing: list[str] = []
     downloads: list[str] = []
     for plan in plans:
         if not plan.inputs and not plan.outputs:
             continue
-        console.print(plan.stage, highlight=False)
+        output.print(plan.stage, highlight=False)
         for role, value in plan.inputs.items():
             status = input_status(value, produced)
             if status == "MISSING" and value.split(" (")[0] not in missing:
@@ -83,27 +83,27 @@ def print_dry_run(recipe: Recipe, plans: list[Plan]) -> None:
             if status == "download" and value.split(" (")[0] not in downloads:
                 downloads.append(value.split(" (")[0])
             flag = f"  \\[{status}]" if status else ""
-            console.print(f"  in   {role + ':':<20} {escape(value)}{flag}", highlight=False, soft_wrap=True)
+            output.print(f"  in   {role + ':':<20} {escape(value)}{flag}", highlight=False, soft_wrap=True)
         for role, value in plan.outputs.items():
             produced.setdefault(value, plan.stage)
-            console.print(f"  out  {role + ':':<20} {escape(value)}", highlight=False, soft_wrap=True)
+            output.print(f"  out  {role + ':':<20} {escape(value)}", highlight=False, soft_wrap=True)
     for note in models:
-        console.print(f"models: {note}", highlight=False, soft_wrap=True)
+        output.print(f"models: {note}", highlight=False, soft_wrap=True)
     for plan in plans:
         for note in plan.notes:
-            console.print(f"{plan.stage}: {note}", highlight=False, soft_wrap=True)
+            output.print(f"{plan.stage}: {note}", highlight=False, soft_wrap=True)
     for plan in plans:
         for warning in plan.warnings:
-            console.print(f"[yellow]warning:[/yellow] {plan.stage}: {escape(warning)}", highlight=False, soft_wrap=True)
+            output.print(f"[yellow]warning:[/yellow] {plan.stage}: {escape(warning)}", highlight=False, soft_wrap=True)
     if downloads:
-        console.print(
+        output.print(
             f"[yellow]note:[/yellow] {len(downloads)} input(s) download on first use, so the run needs network access "
             f"or a filled cache: {', '.join(downloads)}",
             highlight=False,
             soft_wrap=True,
         )
     if missing:
-        console.print(
+        output.print(
             f"[yellow]warning:[/yellow] {len(missing)} input path(s) missing, the run would stop at the first: {', '.join(missing)}",
             highlight=False,
             soft_wrap=True,
@@ -125,5 +125,7 @@ def input_status(value: str, produced: dict[str, str]) -> str:
         return "found" if EMBEDDED_FILE.is_file() else "MISSING"
     if Path(path).exists():
         return "found"
+    if MADE_WHEN_MISSING in value:
+        return "made by this stage"
     looks_like_path = "/" in path or "\\" in path or Path(path).suffix != ""
     return "MISSING" if looks_like_path else ""

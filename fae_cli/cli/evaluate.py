@@ -10,7 +10,7 @@ import typer
 from fae_cli.cli.app import evaluate_app
 from fae_cli.cli.common import DryRunOption, RecipeOption, SetOption, print_dry_run, resolve
 from fae_cli.errors import FaeError
-from fae_cli.stages.plan import Plan, RunPaths
+from fae_cli.stages.plan import MADE_WHEN_MISSING, Plan, RunPaths
 
 EvalOutOption = Annotated[
     Path | None,
@@ -105,7 +105,7 @@ def probe_command(
     if dry_run:
         inputs = {
             "features": str(features or paths.features),
-            "held-out features": f"{paths.holdout_features} (extracted first when missing)",
+            "held-out features": f"{paths.holdout_features} ({MADE_WHEN_MISSING})",
             "adapter": str(adapter or paths.adapter),
         }
         print_dry_run(resolved, [Plan("evaluate probe", inputs=inputs, outputs={"metrics": str(target / "metrics.json")})])

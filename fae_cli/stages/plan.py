@@ -55,6 +55,10 @@ class RunPaths:
         return self.root / "eval"
 
 
+# Plan inputs whose text contains this are made by the stage itself when they do not exist.
+MADE_WHEN_MISSING = "made first when missing"
+
+
 @dataclass
 class Plan:
     """Inputs, outputs and notes of one stage, as `--dry-run` prints them."""
