@@ -116,7 +116,7 @@ def test_cli_dry_run_lists_stages_and_models():
 
 def test_invalid_model_stops_before_first_stage(tmp_path):
     recipe = load_recipe(None, [*TOY, f"run.out_dir={json.dumps(str(tmp_path))}", "generator.model='SiT-XXL/2'"])
-    with pytest.raises(FaeError, match="unknown diffusion model 'SiT-XXL/2'"):
+    with pytest.raises(FaeError, match=r"unknown diffusion model 'SiT-XXL/2' \(generator.model\)"):
         pipeline.run(recipe)
     assert list(tmp_path.iterdir()) == []
 

@@ -195,7 +195,7 @@ def test_cli_dry_run_rejects_unknown_generator(tmp_path):
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1
-    assert lines[0].startswith("error: unknown diffusion model 'LightningDiT-XXL/1'")
+    assert lines[0].startswith("error: unknown diffusion model 'LightningDiT-XXL/1' (generator.model): use one of")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -211,7 +211,7 @@ def test_cli_dry_run_flags_hub_downloads(tmp_path):
 def test_cli_stage_dry_run_builds_models(tmp_path):
     result = run_cli("train-generator", "--set", "generator.model='LightningDiT-XXL/1'", "--set", f"run.out_dir='{tmp_path}'", "--dry-run")
     assert result.returncode == 2
-    assert result.stderr.strip().startswith("error: unknown diffusion model 'LightningDiT-XXL/1'")
+    assert result.stderr.strip().startswith("error: unknown diffusion model 'LightningDiT-XXL/1' (generator.model): use one of")
 
 
 def test_cli_encoder_input_size_names_the_key():

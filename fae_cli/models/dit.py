@@ -254,7 +254,7 @@ def parse_dit_name(name: str) -> tuple[str, str, int]:
     match = _NAME.match(name)
     valid = ", ".join(f"{family}-{{{'|'.join(DIT_SIZES)}}}/{{1|2}}" for family in DIT_FAMILIES)
     if match is None or match["family"] not in DIT_FAMILIES or match["size"] not in DIT_SIZES or int(match["patch"]) not in DIT_PATCHES:
-        raise FaeError(f"unknown diffusion model {name!r}: use one of {valid}")
+        raise FaeError(f"unknown diffusion model {name!r} (generator.model): use one of {valid}")
     return match["family"], match["size"], int(match["patch"])
 
 

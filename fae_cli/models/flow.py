@@ -601,7 +601,7 @@ def build_flow(
     """
     match = _NAME.fullmatch(name)
     if match is None or match["size"] not in FLOW_SIZES:
-        raise FaeError(f"unknown flow model {name!r}: use one of {', '.join(flow_names())} (optionally with /<patch>)")
+        raise FaeError(f"unknown flow model {name!r} (generator.model, with generator.family = 'flow'): use one of {', '.join(flow_names())} (optionally with /<patch>)")
 
     settings = {**FLOW_SIZES[match["size"]], **options}
     if match["patch"] is not None:
