@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from typing import Any
 
@@ -34,12 +35,24 @@ def setup_logging(debug: bool = False) -> None:
         handler = RichHandler(console=console, show_path=debug, rich_tracebacks=debug, markup=False)
         handler.setFormatter(logging.Formatter("%(message)s", datefmt="[%X]"))
     else:
-        handler = logging.StreamHandler(console.file)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[%(asctime)s] %(levelname)s %(message)s", datefmt="%H:%M:%S"))
     handler.fae_handler = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
     logging.getLogger("fae_cli").setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A stream handler that writes to the current `sys.stderr`, not the one at creation.
+
+    Tests and tools that swap stderr (pytest's capture, an in-process CLI call) would otherwise
+    leave the handler writing to a closed stream.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
 
 
 class Progress(rich.progress.Progress):

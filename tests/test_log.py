@@ -40,3 +40,21 @@ def test_terminal_output_logs_no_lines(caplog):
         task = progress.add_task("sample", total=2)
         progress.advance(task, 2)
     assert not [record for record in caplog.records if record.name == "fae_cli.progress"]
+
+
+def test_plain_handler_follows_current_stderr(monkeypatch):
+    import logging
+    import sys
+
+    from fae_cli import log as fae_log
+
+    monkeypatch.setattr(fae_log.console, "_force_terminal", False)
+    fae_log.setup_logging()
+    assert any(isinstance(handler, fae_log._StderrHandler) for handler in logging.getLogger().handlers)
+    replaced = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", replaced)
+    logging.getLogger("fae_cli.test").info("to the replaced stream")
+    replaced.close()  # a later record must not hit the closed stream
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    logging.getLogger("fae_cli.test").info("to the next stream")
+    assert "INFO to the next stream" in sys.stderr.getvalue()
