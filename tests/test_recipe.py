@@ -141,7 +141,7 @@ def test_cli_set_wrong_type_exits_2(tmp_path):
     assert "'abc'" in result.stderr
 
 
-def test_set_error_names_the_override_not_the_file(tmp_path):
+def test_set_error_names_override(tmp_path):
     path = write(tmp_path, "[adapter]\nlatent_channels = 8\n")
     with pytest.raises(FaeError) as error:
         load_recipe(path, ["evaluate.metrics=['fid', 'fdd']"])

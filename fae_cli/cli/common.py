@@ -78,10 +78,11 @@ def print_dry_run(recipe: Recipe, plans: list[Plan]) -> None:
         output.print(plan.stage, highlight=False)
         for role, value in plan.inputs.items():
             status = input_status(value, produced)
-            if status == "MISSING" and value.split(" (")[0] not in missing:
-                missing.append(value.split(" (")[0])
-            if status == "download" and value.split(" (")[0] not in downloads:
-                downloads.append(value.split(" (")[0])
+            path = value.split(" (")[0]
+            if status == "MISSING" and path not in missing:
+                missing.append(path)
+            if status == "download" and path not in downloads:
+                downloads.append(path)
             flag = f"  \\[{status}]" if status else ""
             output.print(f"  in   {role + ':':<20} {escape(value)}{flag}", highlight=False, soft_wrap=True)
         for role, value in plan.outputs.items():
@@ -118,8 +119,8 @@ def input_status(value: str, produced: dict[str, str]) -> str:
     if DOWNLOADS in value:
         return "download"
     path = value.split(" (")[0]
-    for output, stage in produced.items():
-        if path == output or path.startswith(output.rstrip("/") + "/"):
+    for made, stage in produced.items():
+        if path == made or path.startswith(made.rstrip("/") + "/"):
             return f"made by {stage}"
     if path == EMBEDDED:
         return "found" if EMBEDDED_FILE.is_file() else "MISSING"

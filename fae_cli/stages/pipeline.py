@@ -205,6 +205,7 @@ def _changed_settings(recipe: Recipe, key: str, folder: Path, manifest: dict[str
         before = recipe_dict(Recipe.model_validate(tomllib.loads((folder / RECIPE_FILE).read_text(encoding="utf-8"))))
     except (OSError, tomllib.TOMLDecodeError, ValueError):
         return hashes
+
     def selected(data: dict[str, Any]) -> dict[str, Any]:
         return {**{name: data[name] for name in STAGE_SECTIONS[key]}, "run.seed": data["run"]["seed"]}
 

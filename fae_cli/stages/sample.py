@@ -31,7 +31,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from fae_cli.artifacts import MANIFEST, atomic_write_bytes, atomic_write_text, describe_changes
+from fae_cli.artifacts import MANIFEST, atomic_write_bytes, atomic_write_text, describe_changes, read_manifest
 from fae_cli.errors import FaeError
 from fae_cli.log import Progress, console
 from fae_cli.recipe import Recipe
@@ -261,9 +261,8 @@ def check_count(out: Path, before: dict[str, Any], count: int) -> None:
             f"{out} contains {finished} finished samples, and sampling {count} would replace its samples.npz and "
             f"grid.png with fewer; choose another output folder (--out), or sample {finished} or more"
         )
-    manifest = out / MANIFEST
-    if manifest.is_file():
-        recorded = json.loads(manifest.read_text(encoding="utf-8")).get("count")
+    if (out / MANIFEST).is_file():
+        recorded = read_manifest(out).get("count")
         if recorded is not None and count != recorded:
             raise FaeError(
                 f"{out} contains the {recorded} samples of a `fae run` (see its manifest.json); "

@@ -132,7 +132,7 @@ REQUESTED_STOP_EXIT = 75
 
 
 def _stop_exit_code(reason: str | None) -> int:
-    """128 + the signal number for SIGTERM/SIGINT, as shells report them; 75 for a request."""
+    """Return 128 + the signal number for SIGTERM or SIGINT, as shells report them, else 75."""
     try:
         return 128 + int(signal.Signals[reason or ""])
     except KeyError:
@@ -334,9 +334,9 @@ class Trainer:
         stored = header.get("fae.identity")
         if stored == self.identity:
             return
-        shown = describe_changes(stored if isinstance(stored, dict) else {}, self.identity)
+        changes = describe_changes(stored if isinstance(stored, dict) else {}, self.identity)
         raise FaeError(
-            f"{self.run_dir} contains a {self.task.kind} run trained with other settings ({shown}); "
+            f"{self.run_dir} contains a {self.task.kind} run trained with other settings ({changes}); "
             f"rerun with the settings of {folder.name}, or write to another folder (--out or run.name)"
         )
 
